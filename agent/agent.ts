@@ -1,0 +1,218 @@
+import { mkdirSync, readFileSync } from 'node:fs';
+import {
+  DesiredMessage,
+  MAX_PAYLOAD_BYTES,
+  decodeJson,
+  encodeJson,
+  parseTopic,
+  topics,
+  type AgentSettings,
+  type ReportedMessage,
+  type ResyncMessage,
+  type StatusMessage,
+} from '../proto/index.js';
+import type { Logger } from '../common/log.js';
+import { MqttSession } from '../common/mqtt-session.js';
+import { RejectCounter } from '../common/reject-counter.js';
+import { VERSION } from '../common/version.js';
+import type { AgentConfig } from './config.js';
+import { collectFacts } from './facts/collect.js';
+import { probeRuntimes, type RuntimeInfo } from './runtime/backends.js';
+import { DesiredStore } from './state/desired.js';
+import { SessionCounter } from './state/session-counter.js';
+
+/**
+ * The device daemon. `start` brings up state, then runtimes, then the link, then the loops; `stop`
+ * says goodbye (retained `offline`), drains the link and returns.
+ */
+export class Agent {
+  private desired: DesiredStore | null = null;
+  private sessionCounter: SessionCounter | null = null;
+  private session: MqttSession | null = null;
+  private runtimes: RuntimeInfo = { onnxruntime: null, tfjsBackend: null };
+  private reportTimer: NodeJS.Timeout | null = null;
+  private factsTimer: NodeJS.Timeout | null = null;
+  private applied: AgentSettings | null = null;
+  private readonly rejects: RejectCounter;
+  private readonly inflight = new Set<Promise<unknown>>();
+  private readonly listeners = new Set<(version: number) => void>();
+
+  constructor(
+    private readonly config: AgentConfig,
+    private readonly log: Logger,
+  ) {
+    this.rejects = new RejectCounter(log.child({ component: 'ingress' }));
+  }
+
+  get desiredVersion(): number {
+    return this.desired?.version ?? 0;
+  }
+
+  get settings(): AgentSettings | null {
+    return this.applied;
+  }
+
+  get connected(): boolean {
+    return this.session?.connected ?? false;
+  }
+
+  get rejectedCounts(): Record<string, number> {
+    return this.rejects.snapshot();
+  }
+
+  /** Called with the new version after every applied desired-state change. */
+  onApplied(fn: (version: number) => void): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+
+  async start(): Promise<void> {
+    const cfg = this.config;
+    mkdirSync(cfg.stateDir, { recursive: true, mode: 0o700 });
+    const desired = new DesiredStore(cfg.stateDir);
+    this.desired = desired;
+    this.sessionCounter = new SessionCounter(cfg.stateDir);
+    // Until the fleet has spoken (version 0), the local config's log level stands.
+    this.applySettings(desired.version === 0 ? { ...desired.doc.agent, logLevel: cfg.logLevel } : desired.doc.agent);
+    if (cfg.runtimes.probe) this.runtimes = await probeRuntimes(this.log.child({ component: 'runtime' }));
+
+    const password = cfg.broker.password ?? readFileSync(cfg.broker.passwordFile as string, 'utf8').trim();
+    const id = cfg.deviceId;
+    const counter = this.sessionCounter;
+    const session = new MqttSession(
+      {
+        url: cfg.broker.url,
+        clientId: id,
+        username: cfg.broker.username ?? id,
+        password,
+        protocolVersion: cfg.broker.protocolVersion,
+        keepaliveSec: cfg.broker.keepaliveSec,
+        clean: false,
+        reconnectBaseMs: cfg.broker.reconnectBaseMs,
+        reconnectCapMs: cfg.broker.reconnectCapMs,
+        subscriptions: [{ filter: topics.deviceDownFilter(id), qos: 1 }],
+        will: () => ({ topic: topics.up(id, 'status'), payload: this.status('offline', counter.next()), qos: 1, retain: true }),
+      },
+      this.log.child({ component: 'link' }),
+    );
+    this.session = session;
+    session.on('message', (topic, payload) => this.onMessage(topic, payload));
+    session.on('connect', () => this.track(this.announce()));
+    session.on('refused', (reason) => this.log.error({ reason }, 'broker refused this device’s credentials; retrying with backoff'));
+    session.start();
+    this.log.info({ deviceId: id, broker: cfg.broker.url, desiredVersion: desired.version }, 'agent started');
+  }
+
+  async stop(): Promise<void> {
+    if (this.reportTimer) clearInterval(this.reportTimer);
+    if (this.factsTimer) clearInterval(this.factsTimer);
+    this.reportTimer = this.factsTimer = null;
+    await Promise.allSettled([...this.inflight]);
+    const session = this.session;
+    this.session = null;
+    if (!session) return;
+    try {
+      if (session.connected && this.sessionCounter) {
+        // A clean goodbye: the will is discarded on DISCONNECT, so say `offline` ourselves.
+        await session.publish(topics.up(this.config.deviceId, 'status'), this.status('offline', this.sessionCounter.current), { qos: 1, retain: true });
+      }
+    } catch (err) {
+      this.log.warn({ err }, 'could not publish offline status');
+    }
+    try {
+      await session.stop(true);
+    } catch (err) {
+      this.log.warn({ err }, 'error while closing the link');
+    }
+  }
+
+  private status(state: StatusMessage['state'], session: number): Buffer {
+    const msg: StatusMessage = { state, session, ts: Date.now(), agentVersion: VERSION };
+    return encodeJson(msg);
+  }
+
+  /** On every connect: presence, facts and reported state, so the fleet's view is fresh. */
+  private async announce(): Promise<void> {
+    const id = this.config.deviceId;
+    const session = this.session;
+    if (!session || !this.sessionCounter) return;
+    await session.publish(topics.up(id, 'status'), this.status('online', this.sessionCounter.current), { qos: 1, retain: true });
+    await this.publishReported();
+    await this.publishFacts();
+  }
+
+  private async publishReported(): Promise<void> {
+    const session = this.session;
+    if (!session?.connected || !this.desired || !this.applied) return;
+    const msg: ReportedMessage = { ts: Date.now(), desiredVersion: this.desired.version, agent: this.applied, models: {} };
+    await session.publish(topics.up(this.config.deviceId, 'reported'), encodeJson(msg), { qos: 1 });
+  }
+
+  private async publishFacts(): Promise<void> {
+    const session = this.session;
+    if (!session?.connected) return;
+    const facts = await collectFacts(VERSION, this.runtimes);
+    await session.publish(topics.up(this.config.deviceId, 'facts'), encodeJson(facts), { qos: 1 });
+  }
+
+  private async requestResync(reason: ResyncMessage['reason']): Promise<void> {
+    const session = this.session;
+    if (!session || !this.desired) return;
+    this.log.info({ reason, have: this.desired.version }, 'asking the fleet for the full desired state');
+    const msg: ResyncMessage = { have: this.desired.version, reason };
+    await session.publish(topics.up(this.config.deviceId, 'resync'), encodeJson(msg), { qos: 1 });
+  }
+
+  private onMessage(topic: string, payload: Buffer): void {
+    const t = parseTopic(topic);
+    if (!t || t.dir !== 'down' || t.deviceId !== this.config.deviceId) {
+      this.rejects.reject('EF_BAD_PAYLOAD', topic.slice(0, 128), { reason: 'unexpected topic' });
+      return;
+    }
+    // An empty retained message means the fleet cleared it; there is nothing to apply.
+    if (payload.length === 0) return;
+    const decoded = decodeJson(DesiredMessage, payload, MAX_PAYLOAD_BYTES.desired);
+    if (!decoded.ok || !this.desired) {
+      if (!decoded.ok) this.rejects.reject(decoded.error.code, 'desired', { message: decoded.error.message.slice(0, 200) });
+      this.track(this.requestResync('invalid-message'));
+      return;
+    }
+    const result = this.desired.apply(decoded.value);
+    switch (result.outcome) {
+      case 'stale':
+        return;
+      case 'resync':
+        this.rejects.reject('EF_PATCH_FAILED', 'desired', { reason: result.reason });
+        this.track(this.requestResync(result.reason));
+        return;
+      case 'applied':
+        this.log.info({ version: result.version }, 'desired state applied');
+        this.applySettings(this.desired.doc.agent);
+        for (const fn of this.listeners) fn(result.version);
+        this.track(this.publishReported());
+    }
+  }
+
+  /** Applies the remotely tunable settings in place: log level and the report and facts timers. */
+  private applySettings(s: AgentSettings): void {
+    const prev = this.applied;
+    this.applied = s;
+    if (prev?.logLevel !== s.logLevel) this.log.level = s.logLevel;
+    if (prev?.reportIntervalSec !== s.reportIntervalSec) {
+      if (this.reportTimer) clearInterval(this.reportTimer);
+      this.reportTimer = setInterval(() => this.track(this.publishReported()), s.reportIntervalSec * 1000);
+      this.reportTimer.unref();
+    }
+    if (prev?.factsIntervalSec !== s.factsIntervalSec) {
+      if (this.factsTimer) clearInterval(this.factsTimer);
+      this.factsTimer = setInterval(() => this.track(this.publishFacts()), s.factsIntervalSec * 1000);
+      this.factsTimer.unref();
+    }
+  }
+
+  private track(p: Promise<unknown>): void {
+    const tracked = p.catch((err: unknown) => this.log.warn({ err }, 'agent task failed'));
+    this.inflight.add(tracked);
+    void tracked.finally(() => this.inflight.delete(tracked));
+  }
+}

@@ -1,0 +1,43 @@
+import { z } from 'zod';
+import { LOG_LEVELS } from '../proto/index.js';
+
+/** The fleet server's configuration: one schema, defaults and descriptions; env EDGEFLEET_SERVER_<PATH>. */
+export const ServerConfig = z
+  .object({
+    configVersion: z.literal(1).default(1).describe('version of this configuration format'),
+    dataDir: z.string().min(1).default('./data').describe('database, broker persistence, keys and the local CLI profile'),
+    logLevel: z.enum(LOG_LEVELS).default('info').describe('log level'),
+    broker: z
+      .object({
+        mode: z.enum(['embedded', 'external']).default('embedded').describe('run the embedded aedes broker, or connect to an external one'),
+        host: z.string().default('127.0.0.1').describe('embedded broker: address to listen on (0.0.0.0 for every interface)'),
+        port: z
+          .number()
+          .int()
+          .min(0)
+          .max(65_535)
+          .default(18_830)
+          .describe('embedded broker: TCP port (0 picks a free one); not 1883, so it can sit beside a system broker'),
+        url: z.string().optional().describe('external broker URL, e.g. mqtt://broker.example:1883'),
+        publicUrl: z.string().optional().describe('broker URL handed to devices with their credentials (default: derived from host and port, or url)'),
+        username: z.string().default('fleet').describe('identity of the fleet server on the broker'),
+        password: z.string().optional().describe('password of that identity (default: generated and kept in <dataDir>/fleet.secret)'),
+        protocolVersion: z.union([z.literal(4), z.literal(5)]).default(4).describe('MQTT protocol of the fleet connection: 4 = 3.1.1, 5 = MQTT 5'),
+        maxPayloadBytes: z.number().int().min(1024).default(1024 * 1024).describe('embedded broker: largest message a device or operator may publish'),
+        connectWaitSec: z.number().min(0).default(10).describe('how long start-up waits for the first broker connection before going on without it'),
+        mosquittoConfigDir: z
+          .string()
+          .optional()
+          .describe('external Mosquitto: rewrite edgefleet.passwd and edgefleet.acl here whenever a credential is issued or revoked'),
+        mosquittoReloadCommand: z.string().optional().describe('command run after rewriting them, e.g. "systemctl reload mosquitto"'),
+      })
+      .prefault({}),
+    publishPendingIntervalSec: z.number().min(1).default(30).describe('how often desired state the broker may not hold is published again'),
+  })
+  .strict()
+  .superRefine((c, ctx) => {
+    if (c.broker.mode === 'external' && !c.broker.url) {
+      ctx.addIssue({ code: 'custom', path: ['broker', 'url'], message: 'an external broker needs a url' });
+    }
+  });
+export type ServerConfig = z.infer<typeof ServerConfig>;

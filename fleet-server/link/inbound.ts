@@ -1,0 +1,83 @@
+import {
+  FactsMessage,
+  MAX_PAYLOAD_BYTES,
+  ReportedMessage,
+  ResyncMessage,
+  StatusMessage,
+  decodeJson,
+  parseTopic,
+  type UpKind,
+} from '../../proto/index.js';
+import type { Logger } from '../../common/log.js';
+import type { RejectCounter } from '../../common/reject-counter.js';
+import type { DesiredStateService } from '../sync/desired.js';
+import type { FleetStore } from '../store/types.js';
+
+const SCHEMAS = { status: StatusMessage, facts: FactsMessage, reported: ReportedMessage, resync: ResyncMessage } as const;
+
+/**
+ * Everything devices send upstream. Each payload is parsed against its schema before anything
+ * else sees it; a message that fails is counted against its device and dropped, never stored.
+ */
+export class DeviceInbound {
+  constructor(
+    private readonly store: FleetStore,
+    private readonly desired: DesiredStateService,
+    private readonly log: Logger,
+    private readonly rejects: RejectCounter,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  async handle(topic: string, payload: Buffer): Promise<void> {
+    const t = parseTopic(topic);
+    if (!t || t.dir !== 'up') {
+      this.rejects.reject('EF_BAD_PAYLOAD', topic.slice(0, 128), { reason: 'unknown topic' });
+      return;
+    }
+    const { deviceId, kind } = t;
+    // An empty retained payload is how a retained message is cleared; it carries nothing to store.
+    if (payload.length === 0) return;
+    const device = this.store.devices.get(deviceId);
+    if (!device) {
+      this.rejects.reject('EF_UNKNOWN_DEVICE', deviceId, { kind });
+      return;
+    }
+    const decoded = decodeJson(SCHEMAS[kind], payload, MAX_PAYLOAD_BYTES[kind]);
+    if (!decoded.ok) {
+      this.rejects.reject(decoded.error.code, deviceId, { kind, message: decoded.error.message.slice(0, 200) });
+      this.store.devices.addRejected(deviceId, 1);
+      return;
+    }
+    const at = this.now();
+    await this.dispatch(deviceId, kind, decoded.value, at);
+  }
+
+  private async dispatch(deviceId: string, kind: UpKind, value: unknown, at: number): Promise<void> {
+    switch (kind) {
+      case 'status': {
+        const msg = value as StatusMessage;
+        const applied = this.store.transaction(() => {
+          const session = this.store.devices.session(deviceId);
+          // A will from an older session arrives after the device came back: ignore it.
+          if (msg.session < session) return false;
+          this.store.devices.setPresence(deviceId, msg.state, msg.session, at);
+          return true;
+        });
+        if (applied) this.log.info({ deviceId, state: msg.state, session: msg.session }, 'device presence');
+        return;
+      }
+      case 'facts':
+        this.store.devices.setFacts(deviceId, value as FactsMessage, at);
+        return;
+      case 'reported':
+        this.store.devices.touch(deviceId, at);
+        this.desired.recordReported(deviceId, value as ReportedMessage);
+        return;
+      case 'resync':
+        this.store.devices.touch(deviceId, at);
+        this.log.info({ deviceId, ...(value as ResyncMessage) }, 'device asked for its full desired state');
+        await this.desired.resync(deviceId);
+        return;
+    }
+  }
+}

@@ -1,0 +1,135 @@
+import { EdgefleetError, type DeviceDetail, type DeviceSummary, type Role } from '../../proto/index.js';
+import { generateSecret, hashSecret } from '../auth/credentials.js';
+import type { DesiredStateService } from '../sync/desired.js';
+import type { DeviceRow, FleetStore } from '../store/types.js';
+import type { Handlers } from './dispatcher.js';
+
+export interface HandlerDeps {
+  store: FleetStore;
+  desired: DesiredStateService;
+  /** The broker URL handed out with new credentials. */
+  brokerUrl: string;
+  now: () => number;
+  /** Refused-message counters of the fleet, by code. */
+  rejected: () => Record<string, number>;
+  /** Called after a credential was issued or revoked (regenerates broker files, drops sessions). */
+  principalsChanged: (removed?: string) => Promise<void>;
+}
+
+/** Names no device or operator may take. */
+const RESERVED = new Set(['fleet', 'edgefleet', 'admin-bootstrap']);
+
+export function summarize(store: FleetStore, d: DeviceRow): DeviceSummary {
+  const desired = store.desired.get(d.id);
+  const reported = store.reported.get(d.id);
+  return {
+    deviceId: d.id,
+    presence: d.presence,
+    lastSeen: d.lastSeen,
+    desiredVersion: desired?.version ?? 0,
+    reportedVersion: reported?.desiredVersion ?? null,
+    inSync: !!desired && !!reported && reported.desiredVersion === desired.version && reported.drift.length === 0,
+    createdAt: d.createdAt,
+  };
+}
+
+function requireDevice(store: FleetStore, id: string): DeviceRow {
+  const d = store.devices.get(id);
+  if (!d) throw new EdgefleetError('EF_UNKNOWN_DEVICE', `no device ${id}`);
+  return d;
+}
+
+export function createHandlers(deps: HandlerDeps): Handlers {
+  const { store, desired } = deps;
+
+  const issue = (name: string, kind: 'device' | 'operator', role: Role | null): string => {
+    if (RESERVED.has(name) || store.principals.get(name)) {
+      throw new EdgefleetError(kind === 'device' ? 'EF_DEVICE_EXISTS' : 'EF_OPERATOR_EXISTS', `${name} is already taken`);
+    }
+    const password = generateSecret();
+    store.principals.insert({ name, kind, role, secretHash: hashSecret(password), createdAt: deps.now() });
+    return password;
+  };
+
+  return {
+    'devices.list': () => ({ devices: store.devices.list().map((d) => summarize(store, d)) }),
+
+    'devices.show': ({ deviceId }): DeviceDetail => {
+      const d = requireDevice(store, deviceId);
+      const reported = store.reported.get(deviceId);
+      return {
+        ...summarize(store, d),
+        facts: d.facts,
+        desired: desired.get(deviceId).doc,
+        reported: reported?.doc ?? null,
+        drift: reported?.drift ?? [],
+        rejectedMessages: d.rejected,
+      };
+    },
+
+    'devices.add': async ({ deviceId }) => {
+      const { password, row } = store.transaction(() => {
+        const password = issue(deviceId, 'device', null);
+        store.devices.insert(deviceId, deps.now());
+        return { password, row: desired.initialize(deviceId) };
+      });
+      await deps.principalsChanged();
+      // The retained document is published now, so the device finds it on its first connect.
+      await desired.publish(row, null);
+      return { deviceId, credential: { username: deviceId, password, brokerUrl: deps.brokerUrl } };
+    },
+
+    'devices.remove': async ({ deviceId }) => {
+      requireDevice(store, deviceId);
+      store.principals.remove(deviceId);
+      await deps.principalsChanged(deviceId);
+      await desired.clear(deviceId);
+      return { deviceId };
+    },
+
+    'desired.get': ({ deviceId }) => {
+      const row = desired.get(deviceId);
+      return { deviceId, version: row.version, doc: row.doc };
+    },
+
+    'desired.set': async (params) => {
+      const { deviceId, baseVersion } = params;
+      const change = params.patch !== undefined ? { patch: params.patch, baseVersion } : { doc: params.doc, baseVersion };
+      const { row, changed, previous } = desired.change(deviceId, change);
+      if (changed) await desired.publish(row, previous);
+      return { deviceId, version: row.version, doc: row.doc, changed };
+    },
+
+    'audit.list': ({ limit, target }) => ({ entries: store.audit.list({ limit: limit ?? 100, target }) }),
+
+    'operators.add': async ({ name, role }) => {
+      const password = issue(name, 'operator', role);
+      await deps.principalsChanged();
+      return { name, role, credential: { username: name, password, brokerUrl: deps.brokerUrl } };
+    },
+
+    'operators.list': () => ({
+      operators: store.principals.list('operator').map((p) => ({ name: p.name, role: p.role ?? 'viewer', createdAt: p.createdAt })),
+    }),
+
+    'operators.remove': async ({ name }, caller) => {
+      const p = store.principals.get(name);
+      if (!p || p.kind !== 'operator') throw new EdgefleetError('EF_UNKNOWN_OPERATOR', `no operator ${name}`);
+      if (name === caller.name) throw new EdgefleetError('EF_FORBIDDEN', 'an operator cannot remove itself');
+      store.principals.remove(name);
+      await deps.principalsChanged(name);
+      return { name };
+    },
+
+    'fleet.stats': () => {
+      const devices = store.devices.list();
+      const summaries = devices.map((d) => summarize(store, d));
+      return {
+        devices: devices.length,
+        online: devices.filter((d) => d.presence === 'online').length,
+        inSync: summaries.filter((s) => s.inSync).length,
+        rejected: deps.rejected(),
+      };
+    },
+  };
+}

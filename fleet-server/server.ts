@@ -1,0 +1,205 @@
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { exec } from 'node:child_process';
+import { promisify } from 'node:util';
+import { encodeJson, topics, parseTopic } from '../proto/index.js';
+import type { Logger } from '../common/log.js';
+import { MqttSession } from '../common/mqtt-session.js';
+import { RejectCounter } from '../common/reject-counter.js';
+import { EmbeddedBroker } from './broker/embedded.js';
+import { writeMosquitto } from './broker/mosquitto.js';
+import { CLI_PROFILE_FILE, ensureBootstrapOperator, ensureFleetIdentity } from './auth/bootstrap.js';
+import type { ServerConfig } from './config.js';
+import { DeviceInbound } from './link/inbound.js';
+import { OpsDispatcher } from './ops/dispatcher.js';
+import { createHandlers } from './ops/handlers.js';
+import { openSqliteStore } from './store/sqlite.js';
+import type { FleetStore } from './store/types.js';
+import { DesiredStateService } from './sync/desired.js';
+
+const execAsync = promisify(exec);
+
+/**
+ * The fleet daemon. The constructor wires nothing that does I/O; `start` brings up storage, then the
+ * broker, then the link, then the loops; `stop` takes them down in reverse, each on its own.
+ */
+export class FleetServer {
+  private store: FleetStore | null = null;
+  private broker: EmbeddedBroker | null = null;
+  private session: MqttSession | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  private readonly rejects: RejectCounter;
+  private readonly inflight = new Set<Promise<unknown>>();
+  private brokerUrlValue = '';
+
+  constructor(
+    private readonly config: ServerConfig,
+    private readonly log: Logger,
+    private readonly now: () => number = Date.now,
+  ) {
+    this.rejects = new RejectCounter(log.child({ component: 'ingress' }));
+  }
+
+  /** URL of the broker the fleet uses (for the embedded one, with the port actually bound). */
+  get brokerUrl(): string {
+    return this.brokerUrlValue;
+  }
+
+  get dataDir(): string {
+    return this.config.dataDir;
+  }
+
+  get fleetStore(): FleetStore {
+    if (!this.store) throw new Error('fleet server not started');
+    return this.store;
+  }
+
+  get rejectedCounts(): Record<string, number> {
+    return this.rejects.snapshot();
+  }
+
+  async start(): Promise<void> {
+    const cfg = this.config;
+    mkdirSync(cfg.dataDir, { recursive: true, mode: 0o700 });
+    const store = openSqliteStore(join(cfg.dataDir, 'fleet.db'));
+    this.store = store;
+    const fleetPassword = cfg.broker.password ?? ensureFleetIdentity(store, cfg.dataDir, cfg.broker.username, this.now());
+
+    if (cfg.broker.mode === 'embedded') {
+      const broker = new EmbeddedBroker(
+        { host: cfg.broker.host, port: cfg.broker.port, persistenceDir: join(cfg.dataDir, 'broker'), maxPayloadBytes: cfg.broker.maxPayloadBytes },
+        store,
+        this.log.child({ component: 'broker' }),
+        this.rejects,
+      );
+      await broker.start();
+      this.broker = broker;
+      const host = cfg.broker.host === '0.0.0.0' || cfg.broker.host === '::' ? '127.0.0.1' : cfg.broker.host;
+      this.brokerUrlValue = `mqtt://${host}:${broker.port}`;
+    } else {
+      this.brokerUrlValue = cfg.broker.url as string;
+    }
+    const publicUrl = cfg.broker.publicUrl ?? this.brokerUrlValue;
+    try {
+      if (ensureBootstrapOperator(store, cfg.dataDir, this.brokerUrlValue, this.now())) {
+        this.log.info({ profile: join(cfg.dataDir, CLI_PROFILE_FILE) }, 'created operator "admin" and its CLI profile');
+      }
+    } catch (err) {
+      this.log.warn({ err }, 'CLI profile unreadable; left alone');
+    }
+    await this.writeBrokerFiles();
+
+    const desired = new DesiredStateService(store, { publish: (t, p, o) => this.publish(t, p, o) }, this.log.child({ component: 'desired' }), this.now);
+    const inbound = new DeviceInbound(store, desired, this.log.child({ component: 'devices' }), this.rejects, this.now);
+    const ops = new OpsDispatcher(
+      store,
+      createHandlers({
+        store,
+        desired,
+        brokerUrl: publicUrl,
+        now: this.now,
+        rejected: () => this.rejects.snapshot(),
+        principalsChanged: async (removed) => {
+          if (removed) this.broker?.disconnect(removed);
+          await this.writeBrokerFiles();
+        },
+      }),
+      this.log.child({ component: 'ops' }),
+      this.rejects,
+      this.now,
+    );
+
+    const session = new MqttSession(
+      {
+        url: this.brokerUrlValue,
+        clientId: cfg.broker.username,
+        username: cfg.broker.username,
+        password: fleetPassword,
+        protocolVersion: cfg.broker.protocolVersion,
+        keepaliveSec: 30,
+        // A persistent session: device reports queued by the broker while the fleet restarts are delivered.
+        clean: false,
+        reconnectBaseMs: 500,
+        reconnectCapMs: 15_000,
+        subscriptions: [
+          { filter: topics.fleetUpFilter, qos: 1 },
+          { filter: topics.fleetOpsFilter, qos: 1 },
+        ],
+      },
+      this.log.child({ component: 'link' }),
+    );
+    this.session = session;
+    session.on('message', (topic, payload) => {
+      const t = parseTopic(topic);
+      if (t?.dir === 'ops-req') {
+        this.track(
+          ops.handle(t.operator, payload).then((reply) => this.publish(topics.opsReply(t.operator), encodeJson(reply), { qos: 1, retain: false })),
+        );
+      } else {
+        this.track(inbound.handle(topic, payload));
+      }
+    });
+    session.on('refused', (reason) => this.log.error({ reason }, 'broker refused the fleet credentials'));
+    const connected = new Promise<void>((resolve) => session.once('connect', () => resolve()));
+    session.on('connect', () => this.track(desired.publishPending()));
+    session.start();
+    const waitMs = cfg.broker.connectWaitSec * 1000;
+    let waitTimer: NodeJS.Timeout | undefined;
+    await Promise.race([connected, new Promise<void>((r) => (waitTimer = setTimeout(r, waitMs)))]);
+    clearTimeout(waitTimer);
+    if (!session.connected) this.log.warn({ url: this.brokerUrlValue }, 'broker not reachable yet; going on and retrying');
+
+    this.timer = setInterval(() => {
+      if (session.connected) this.track(desired.publishPending());
+    }, cfg.publishPendingIntervalSec * 1000);
+    this.timer.unref();
+    this.log.info({ brokerUrl: this.brokerUrlValue, dataDir: cfg.dataDir }, 'fleet server started');
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    await Promise.allSettled([...this.inflight]);
+    const steps: [string, () => Promise<void> | void][] = [
+      ['link', async () => this.session?.stop()],
+      ['broker', async () => this.broker?.stop()],
+      ['store', () => this.store?.close()],
+    ];
+    for (const [name, step] of steps) {
+      try {
+        await step();
+      } catch (err) {
+        this.log.error({ err, component: name }, 'error while stopping');
+      }
+    }
+    this.session = null;
+    this.broker = null;
+    this.store = null;
+  }
+
+  private async publish(topic: string, payload: Buffer, opts: { qos: 0 | 1; retain: boolean }): Promise<void> {
+    if (!this.session) throw new Error('fleet server not started');
+    await this.session.publish(topic, payload, opts);
+  }
+
+  /** Keeps a handler's promise for an orderly stop and turns its failure into a log line, never an unhandled rejection. */
+  private track(p: Promise<unknown>): void {
+    const tracked = p.catch((err: unknown) => this.log.error({ err }, 'message handler failed'));
+    this.inflight.add(tracked);
+    void tracked.finally(() => this.inflight.delete(tracked));
+  }
+
+  private async writeBrokerFiles(): Promise<void> {
+    const dir = this.config.broker.mosquittoConfigDir;
+    if (!dir || !this.store) return;
+    writeMosquitto(this.store, dir, 1883, { conf: false });
+    const cmd = this.config.broker.mosquittoReloadCommand;
+    if (cmd) {
+      try {
+        await execAsync(cmd, { timeout: 15_000 });
+      } catch (err) {
+        this.log.error({ err, cmd }, 'broker reload command failed');
+      }
+    }
+  }
+}

@@ -1,0 +1,50 @@
+/**
+ * Schema migrations, applied in order; entry i takes the schema from version i to i + 1
+ * (PRAGMA user_version). Never edit a released entry: append a new one.
+ */
+export const MIGRATIONS: readonly string[] = [
+  `
+  CREATE TABLE principals (
+    name        TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL CHECK (kind IN ('device', 'operator', 'fleet')),
+    role        TEXT CHECK (role IS NULL OR role IN ('viewer', 'operator', 'admin')),
+    secret_hash TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+  );
+  CREATE TABLE devices (
+    id         TEXT PRIMARY KEY REFERENCES principals(name) ON DELETE CASCADE,
+    created_at INTEGER NOT NULL,
+    presence   TEXT NOT NULL DEFAULT 'never' CHECK (presence IN ('never', 'online', 'offline')),
+    last_seen  INTEGER,
+    session    INTEGER NOT NULL DEFAULT 0,
+    facts      TEXT,
+    rejected   INTEGER NOT NULL DEFAULT 0
+  );
+  CREATE TABLE desired_state (
+    device_id         TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    version           INTEGER NOT NULL,
+    doc               TEXT NOT NULL,
+    digest            TEXT NOT NULL,
+    published_version INTEGER NOT NULL DEFAULT 0,
+    updated_at        INTEGER NOT NULL
+  );
+  CREATE INDEX desired_unpublished ON desired_state (device_id) WHERE published_version < version;
+  CREATE TABLE reported_state (
+    device_id       TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    desired_version INTEGER NOT NULL,
+    doc             TEXT NOT NULL,
+    drift           TEXT NOT NULL,
+    received_at     INTEGER NOT NULL
+  );
+  CREATE TABLE audit (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts     INTEGER NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT,
+    ok     INTEGER NOT NULL,
+    detail TEXT
+  );
+  CREATE INDEX audit_target ON audit (target, seq);
+  `,
+];

@@ -1,0 +1,159 @@
+import type { Db } from './db.js';
+import { openDb } from './db.js';
+import type { AuditRow, DesiredRow, DeviceRow, FleetStore, Presence, Principal, PrincipalKind, ReportedRow } from './types.js';
+import type { Role } from '../../proto/index.js';
+
+interface PrincipalSql {
+  name: string;
+  kind: PrincipalKind;
+  role: Role | null;
+  secret_hash: string;
+  created_at: number;
+}
+interface DeviceSql {
+  id: string;
+  created_at: number;
+  presence: Presence;
+  last_seen: number | null;
+  session: number;
+  facts: string | null;
+  rejected: number;
+}
+interface DesiredSql {
+  device_id: string;
+  version: number;
+  doc: string;
+  digest: string;
+  published_version: number;
+  updated_at: number;
+}
+interface ReportedSql {
+  device_id: string;
+  desired_version: number;
+  doc: string;
+  drift: string;
+  received_at: number;
+}
+interface AuditSql {
+  seq: number;
+  ts: number;
+  actor: string;
+  action: string;
+  target: string | null;
+  ok: number;
+  detail: string | null;
+}
+
+const principal = (r: PrincipalSql): Principal => ({ name: r.name, kind: r.kind, role: r.role, secretHash: r.secret_hash, createdAt: r.created_at });
+const device = (r: DeviceSql): DeviceRow => ({
+  id: r.id,
+  createdAt: r.created_at,
+  presence: r.presence,
+  lastSeen: r.last_seen,
+  session: r.session,
+  facts: r.facts === null ? null : (JSON.parse(r.facts) as DeviceRow['facts']),
+  rejected: r.rejected,
+});
+const desired = (r: DesiredSql): DesiredRow => ({
+  deviceId: r.device_id,
+  version: r.version,
+  doc: JSON.parse(r.doc) as DesiredRow['doc'],
+  digest: r.digest,
+  publishedVersion: r.published_version,
+  updatedAt: r.updated_at,
+});
+
+/** The fleet's state in one SQLite file (better-sqlite3, WAL). */
+export function openSqliteStore(path: string): FleetStore {
+  const db: Db = openDb(path);
+  const q = {
+    pGet: db.prepare<[string], PrincipalSql>('SELECT * FROM principals WHERE name = ?'),
+    pList: db.prepare<[], PrincipalSql>('SELECT * FROM principals ORDER BY name'),
+    pListKind: db.prepare<[string], PrincipalSql>('SELECT * FROM principals WHERE kind = ? ORDER BY name'),
+    pInsert: db.prepare('INSERT INTO principals (name, kind, role, secret_hash, created_at) VALUES (?, ?, ?, ?, ?)'),
+    pRemove: db.prepare('DELETE FROM principals WHERE name = ?'),
+    pSecret: db.prepare('UPDATE principals SET secret_hash = ? WHERE name = ?'),
+    dGet: db.prepare<[string], DeviceSql>('SELECT * FROM devices WHERE id = ?'),
+    dList: db.prepare<[], DeviceSql>('SELECT * FROM devices ORDER BY id'),
+    dInsert: db.prepare('INSERT INTO devices (id, created_at) VALUES (?, ?)'),
+    dPresence: db.prepare('UPDATE devices SET presence = ?, session = ?, last_seen = ? WHERE id = ?'),
+    dSession: db.prepare<[string], { session: number }>('SELECT session FROM devices WHERE id = ?'),
+    dTouch: db.prepare('UPDATE devices SET last_seen = ? WHERE id = ? AND (last_seen IS NULL OR last_seen < ?)'),
+    dFacts: db.prepare('UPDATE devices SET facts = ?, last_seen = ? WHERE id = ?'),
+    dRejected: db.prepare('UPDATE devices SET rejected = rejected + ? WHERE id = ?'),
+    sGet: db.prepare<[string], DesiredSql>('SELECT * FROM desired_state WHERE device_id = ?'),
+    sPut: db.prepare(
+      `INSERT INTO desired_state (device_id, version, doc, digest, updated_at) VALUES (@deviceId, @version, @doc, @digest, @updatedAt)
+       ON CONFLICT (device_id) DO UPDATE SET version = excluded.version, doc = excluded.doc, digest = excluded.digest, updated_at = excluded.updated_at`,
+    ),
+    sPublished: db.prepare('UPDATE desired_state SET published_version = ? WHERE device_id = ? AND published_version < ?'),
+    sUnpublished: db.prepare<[number], DesiredSql>('SELECT * FROM desired_state WHERE published_version < version LIMIT ?'),
+    rGet: db.prepare<[string], ReportedSql>('SELECT * FROM reported_state WHERE device_id = ?'),
+    rPut: db.prepare(
+      `INSERT INTO reported_state (device_id, desired_version, doc, drift, received_at) VALUES (@deviceId, @desiredVersion, @doc, @drift, @receivedAt)
+       ON CONFLICT (device_id) DO UPDATE SET desired_version = excluded.desired_version, doc = excluded.doc, drift = excluded.drift, received_at = excluded.received_at`,
+    ),
+    aAppend: db.prepare('INSERT INTO audit (ts, actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?, ?)'),
+    aList: db.prepare<[number], AuditSql>('SELECT * FROM audit ORDER BY seq DESC LIMIT ?'),
+    aListTarget: db.prepare<[string, number], AuditSql>('SELECT * FROM audit WHERE target = ? ORDER BY seq DESC LIMIT ?'),
+  };
+
+  return {
+    transaction: <T>(fn: () => T): T => db.transaction(fn)(),
+    principals: {
+      get: (name) => {
+        const r = q.pGet.get(name);
+        return r ? principal(r) : null;
+      },
+      list: (kind) => (kind ? q.pListKind.all(kind) : q.pList.all()).map(principal),
+      insert: (p) => void q.pInsert.run(p.name, p.kind, p.role, p.secretHash, p.createdAt),
+      remove: (name) => q.pRemove.run(name).changes > 0,
+      setSecret: (name, hash) => void q.pSecret.run(hash, name),
+    },
+    devices: {
+      get: (id) => {
+        const r = q.dGet.get(id);
+        return r ? device(r) : null;
+      },
+      list: () => q.dList.all().map(device),
+      insert: (id, at) => void q.dInsert.run(id, at),
+      setPresence: (id, presence, session, at) => void q.dPresence.run(presence, session, at, id),
+      session: (id) => q.dSession.get(id)?.session ?? 0,
+      touch: (id, at) => void q.dTouch.run(at, id, at),
+      setFacts: (id, facts, at) => void q.dFacts.run(JSON.stringify(facts), at, id),
+      addRejected: (id, n) => void q.dRejected.run(n, id),
+    },
+    desired: {
+      get: (id) => {
+        const r = q.sGet.get(id);
+        return r ? desired(r) : null;
+      },
+      put: (row) => void q.sPut.run({ ...row, doc: JSON.stringify(row.doc) }),
+      markPublished: (id, version) => void q.sPublished.run(version, id, version),
+      unpublished: (limit) => q.sUnpublished.all(limit).map(desired),
+    },
+    reported: {
+      get: (id) => {
+        const r = q.rGet.get(id);
+        return r
+          ? {
+              deviceId: r.device_id,
+              desiredVersion: r.desired_version,
+              doc: JSON.parse(r.doc) as ReportedRow['doc'],
+              drift: JSON.parse(r.drift) as ReportedRow['drift'],
+              receivedAt: r.received_at,
+            }
+          : null;
+      },
+      put: (row) => void q.rPut.run({ ...row, doc: JSON.stringify(row.doc), drift: JSON.stringify(row.drift) }),
+    },
+    audit: {
+      append: (e) => Number(q.aAppend.run(e.ts, e.actor, e.action, e.target, e.ok ? 1 : 0, e.detail === undefined ? null : JSON.stringify(e.detail)).lastInsertRowid),
+      list: ({ limit, target }) =>
+        (target === undefined ? q.aList.all(limit) : q.aListTarget.all(target, limit)).map(
+          (r): AuditRow => ({ ...r, ok: r.ok === 1, detail: r.detail === null ? null : (JSON.parse(r.detail) as unknown) }),
+        ),
+    },
+    close: () => db.close(),
+  };
+}

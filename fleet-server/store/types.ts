@@ -1,0 +1,93 @@
+import type { DesiredDoc, FactsMessage, JsonPatch, ReportedMessage, Role } from '../../proto/index.js';
+
+/**
+ * Repository ports of the fleet's state. SQLite implements them today; they are kept narrow and
+ * synchronous-free of SQL so that a PostgreSQL implementation can slot in for a scaled-out fleet.
+ */
+export type PrincipalKind = 'device' | 'operator' | 'fleet';
+
+export interface Principal {
+  name: string;
+  kind: PrincipalKind;
+  role: Role | null;
+  secretHash: string;
+  createdAt: number;
+}
+
+export type Presence = 'never' | 'online' | 'offline';
+
+export interface DeviceRow {
+  id: string;
+  createdAt: number;
+  presence: Presence;
+  lastSeen: number | null;
+  session: number;
+  facts: FactsMessage | null;
+  rejected: number;
+}
+
+export interface DesiredRow {
+  deviceId: string;
+  version: number;
+  doc: DesiredDoc;
+  digest: string;
+  publishedVersion: number;
+  updatedAt: number;
+}
+
+export interface ReportedRow {
+  deviceId: string;
+  desiredVersion: number;
+  doc: ReportedMessage;
+  drift: JsonPatch;
+  receivedAt: number;
+}
+
+export interface AuditRow {
+  seq: number;
+  ts: number;
+  actor: string;
+  action: string;
+  target: string | null;
+  ok: boolean;
+  detail: unknown;
+}
+
+export interface FleetStore {
+  /** Runs `fn` atomically: every write inside commits together or not at all. */
+  transaction<T>(fn: () => T): T;
+
+  principals: {
+    get(name: string): Principal | null;
+    list(kind?: PrincipalKind): Principal[];
+    insert(p: Principal): void;
+    remove(name: string): boolean;
+    setSecret(name: string, secretHash: string): void;
+  };
+  devices: {
+    get(id: string): DeviceRow | null;
+    list(): DeviceRow[];
+    insert(id: string, createdAt: number): void;
+    /** Sets presence as of an agent session; `session` is the agent's connection counter. */
+    setPresence(id: string, presence: Presence, session: number, at: number): void;
+    session(id: string): number;
+    touch(id: string, at: number): void;
+    setFacts(id: string, facts: FactsMessage, at: number): void;
+    addRejected(id: string, n: number): void;
+  };
+  desired: {
+    get(deviceId: string): DesiredRow | null;
+    put(row: Omit<DesiredRow, 'publishedVersion'>): void;
+    markPublished(deviceId: string, version: number): void;
+    unpublished(limit: number): DesiredRow[];
+  };
+  reported: {
+    get(deviceId: string): ReportedRow | null;
+    put(row: ReportedRow): void;
+  };
+  audit: {
+    append(e: Omit<AuditRow, 'seq'>): number;
+    list(opts: { limit: number; target?: string | undefined }): AuditRow[];
+  };
+  close(): void;
+}

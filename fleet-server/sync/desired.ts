@@ -1,0 +1,129 @@
+import jsonpatch from 'fast-json-patch';
+import {
+  DesiredDoc,
+  EdgefleetError,
+  desiredDigest,
+  defaultDesiredDoc,
+  encodeJson,
+  summarizeIssues,
+  topics,
+  type DesiredMessage,
+  type JsonPatch,
+  type ReportedMessage,
+} from '../../proto/index.js';
+import type { Logger } from '../../common/log.js';
+import type { DesiredRow, FleetStore } from '../store/types.js';
+
+export interface Publisher {
+  publish(topic: string, payload: Buffer, opts: { qos: 0 | 1; retain: boolean }): Promise<void>;
+}
+
+export type DesiredChange = { patch: JsonPatch; baseVersion?: number | undefined } | { doc: unknown; baseVersion?: number | undefined };
+
+/**
+ * The fleet's side of desired-state sync. The database is the truth; the broker's retained
+ * `down/desired` message follows it. A change is stored first (version n+1), then published as the
+ * patch n→n+1 when the retained message is known to hold n, else as the whole document. Whatever
+ * did not reach the broker (a crash, a lost link) is found by `publishPending`, which runs on every
+ * (re)connect and on a timer: level-triggered, so no change is ever lost between the two.
+ */
+export class DesiredStateService {
+  constructor(
+    private readonly store: FleetStore,
+    private readonly publisher: Publisher,
+    private readonly log: Logger,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** The initial document of a new device (version 1). Call inside the device's creating transaction. */
+  initialize(deviceId: string): DesiredRow {
+    const doc = defaultDesiredDoc();
+    const row = { deviceId, version: 1, doc, digest: desiredDigest(doc), updatedAt: this.now() };
+    this.store.desired.put(row);
+    return { ...row, publishedVersion: 0 };
+  }
+
+  get(deviceId: string): DesiredRow {
+    const row = this.store.desired.get(deviceId);
+    if (!row) throw new EdgefleetError('EF_UNKNOWN_DEVICE', `no device ${deviceId}`);
+    return row;
+  }
+
+  /**
+   * Applies an operator's change. A patch that does not apply, or a result that fails the schema,
+   * changes nothing and says why. An unchanged result keeps the version.
+   */
+  change(deviceId: string, change: DesiredChange): { row: DesiredRow; changed: boolean; previous: DesiredRow } {
+    return this.store.transaction(() => {
+      const current = this.get(deviceId);
+      if (change.baseVersion !== undefined && change.baseVersion !== current.version) {
+        throw new EdgefleetError('EF_VERSION_CONFLICT', `desired state of ${deviceId} is at version ${current.version}, not ${change.baseVersion}`);
+      }
+      let candidate: unknown;
+      if ('patch' in change) {
+        try {
+          // validate=true checks every operation; mutate=false leaves `current.doc` untouched.
+          candidate = jsonpatch.applyPatch(structuredClone(current.doc), change.patch, true, false).newDocument;
+        } catch (e) {
+          throw new EdgefleetError('EF_PATCH_FAILED', `patch does not apply: ${(e as Error).message.split('\n')[0]}`);
+        }
+      } else {
+        candidate = change.doc;
+      }
+      const parsed = DesiredDoc.safeParse(candidate);
+      if (!parsed.success) throw new EdgefleetError('EF_DESIRED_INVALID', summarizeIssues(parsed.error.issues));
+      const doc = parsed.data;
+      const digest = desiredDigest(doc);
+      if (digest === current.digest) return { row: current, changed: false, previous: current };
+      const next = { deviceId, version: current.version + 1, doc, digest, updatedAt: this.now() };
+      this.store.desired.put(next);
+      return { row: { ...next, publishedVersion: current.publishedVersion }, changed: true, previous: current };
+    });
+  }
+
+  /** Publishes version `row` of a device, as a patch from `previous` when the retained message holds it. */
+  async publish(row: DesiredRow, previous: DesiredRow | null): Promise<void> {
+    let message: DesiredMessage;
+    if (previous && previous.version === row.version - 1 && row.publishedVersion === previous.version) {
+      const patch = jsonpatch.compare(previous.doc, row.doc) as JsonPatch;
+      message = { kind: 'patch', from: previous.version, to: row.version, digest: row.digest, patch };
+    } else {
+      message = { kind: 'full', version: row.version, digest: row.digest, doc: row.doc };
+    }
+    await this.publisher.publish(topics.down(row.deviceId, 'desired'), encodeJson(message), { qos: 1, retain: true });
+    this.store.desired.markPublished(row.deviceId, row.version);
+  }
+
+  /** The whole document, for an agent whose version did not line up. */
+  async resync(deviceId: string): Promise<void> {
+    const row = this.store.desired.get(deviceId);
+    if (row) await this.publish(row, null);
+  }
+
+  /** Publishes every document the broker may not hold yet. Returns how many were sent. */
+  async publishPending(batch = 500): Promise<number> {
+    let sent = 0;
+    for (;;) {
+      const rows = this.store.desired.unpublished(batch);
+      if (rows.length === 0) return sent;
+      await Promise.all(rows.map((r) => this.publish(r, null)));
+      sent += rows.length;
+    }
+  }
+
+  /** Stores what the agent reports and the patch that would take it to desired state (its drift). */
+  recordReported(deviceId: string, msg: ReportedMessage): { inSync: boolean } {
+    const desired = this.store.desired.get(deviceId);
+    if (!desired) return { inSync: false };
+    const drift = jsonpatch.compare({ agent: msg.agent, models: msg.models }, desired.doc) as JsonPatch;
+    this.store.reported.put({ deviceId, desiredVersion: msg.desiredVersion, doc: msg, drift, receivedAt: this.now() });
+    const inSync = drift.length === 0 && msg.desiredVersion === desired.version;
+    if (!inSync) this.log.debug({ deviceId, drift: drift.length, reportedVersion: msg.desiredVersion, desiredVersion: desired.version }, 'device not in sync');
+    return { inSync };
+  }
+
+  /** Clears the retained document of a removed device so a new device of the same id starts clean. */
+  async clear(deviceId: string): Promise<void> {
+    await this.publisher.publish(topics.down(deviceId, 'desired'), Buffer.alloc(0), { qos: 1, retain: true });
+  }
+}

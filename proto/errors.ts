@@ -1,0 +1,72 @@
+/**
+ * One catalog for every error that crosses a process boundary: on the wire (`{ok:false,error:{code,message}}`),
+ * in logs, and as process exit codes. proto/README.md lists the same codes; a test keeps the two in step.
+ */
+export const ERRORS = {
+  EF_BAD_PAYLOAD: 'payload is not valid for its topic',
+  EF_PAYLOAD_TOO_LARGE: 'payload exceeds the size limit for its topic',
+  EF_UNKNOWN_METHOD: 'unknown operator method',
+  EF_BAD_PARAMS: 'parameters are not valid for the method',
+  EF_FORBIDDEN: 'the identity is not allowed to do this',
+  EF_UNKNOWN_DEVICE: 'no such device',
+  EF_DEVICE_EXISTS: 'a device with this id already exists',
+  EF_UNKNOWN_OPERATOR: 'no such operator',
+  EF_OPERATOR_EXISTS: 'an operator with this name already exists',
+  EF_PATCH_FAILED: 'the JSON Patch does not apply to the current document',
+  EF_DESIRED_INVALID: 'the resulting desired state is not valid',
+  EF_VERSION_CONFLICT: 'the document changed since the version the request was based on',
+  EF_INTERNAL: 'internal error',
+  EF_TIMEOUT: 'no reply before the deadline',
+  EF_BROKER_UNREACHABLE: 'cannot reach the MQTT broker',
+  EF_BROKER_REFUSED: 'the MQTT broker refused the credentials',
+  EF_CONFIG_INVALID: 'configuration is not valid',
+  EF_PORT_IN_USE: 'a port the daemon needs is taken',
+} as const;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export const ERROR_CODES = Object.keys(ERRORS) as ErrorCode[];
+
+/** An error with a catalog code; `message` adds specifics to the catalog text. */
+export class EdgefleetError extends Error {
+  readonly code: ErrorCode;
+  readonly details: unknown;
+
+  constructor(code: ErrorCode, message?: string, options?: { cause?: unknown; details?: unknown }) {
+    super(message ?? ERRORS[code], options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'EdgefleetError';
+    this.code = code;
+    this.details = options?.details;
+  }
+}
+
+export function isEdgefleetError(e: unknown): e is EdgefleetError {
+  return e instanceof EdgefleetError;
+}
+
+/**
+ * Process exit codes. Ranges per component, never reused: 0 success, 2 usage,
+ * 10–29 the `edgefleet` CLI, 30–49 the agent, 50–69 the fleet server.
+ */
+export const EXIT = {
+  OK: 0,
+  USAGE: 2,
+  CLI_BROKER_UNREACHABLE: 10,
+  CLI_BROKER_REFUSED: 11,
+  CLI_FORBIDDEN: 12,
+  CLI_NOT_FOUND: 13,
+  CLI_INVALID: 14,
+  CLI_TIMEOUT: 15,
+  CLI_SERVER_ERROR: 16,
+  CLI_NO_CREDENTIALS: 17,
+  AGENT_CONFIG_INVALID: 30,
+  AGENT_STATE_DIR: 31,
+  AGENT_FATAL: 32,
+  SERVER_CONFIG_INVALID: 50,
+  SERVER_PORT_IN_USE: 51,
+  SERVER_DATABASE: 52,
+  SERVER_BROKER_UNREACHABLE: 53,
+  SERVER_FATAL: 54,
+} as const;
+
+export type ExitCode = (typeof EXIT)[keyof typeof EXIT];

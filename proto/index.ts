@@ -1,0 +1,7 @@
+export * from './topics.js';
+export * from './errors.js';
+export * from './codec.js';
+export * from './limits.js';
+export * from './desired.js';
+export * from './device.js';
+export * from './ops.js';

@@ -1,0 +1,142 @@
+import { z } from 'zod';
+import { ERROR_CODES } from './errors.js';
+import { DesiredDoc, JsonPatch } from './desired.js';
+import { FactsMessage, ReportedMessage } from './device.js';
+import { ID_PATTERN } from './topics.js';
+
+/** Operator roles, least to most privileged. A method names the least role that may call it. */
+export const ROLES = ['viewer', 'operator', 'admin'] as const;
+export type Role = (typeof ROLES)[number];
+export function roleAllows(have: Role, need: Role): boolean {
+  return ROLES.indexOf(have) >= ROLES.indexOf(need);
+}
+
+const Id = z.string().regex(ID_PATTERN, 'letters, digits, ".", "_" or "-", at most 64, starting with a letter or digit');
+const CorrelationId = z.string().min(1).max(64);
+
+/** `ops/{operator}/req`. */
+export const OpsRequest = z
+  .object({ id: CorrelationId, method: z.string().max(64), params: z.unknown().optional() })
+  .strict();
+export type OpsRequest = z.infer<typeof OpsRequest>;
+
+export const ErrorBody = z.object({
+  code: z.enum(ERROR_CODES as [string, ...string[]]),
+  message: z.string(),
+  details: z.unknown().optional(),
+});
+export type ErrorBody = z.infer<typeof ErrorBody>;
+
+/** `ops/{operator}/res`. `id` echoes the request's; null when the request could not be read at all. */
+export const OpsReply = z.discriminatedUnion('ok', [
+  z.object({ id: CorrelationId.nullable(), ok: z.literal(true), data: z.unknown() }).strict(),
+  z.object({ id: CorrelationId.nullable(), ok: z.literal(false), error: ErrorBody }).strict(),
+]);
+export type OpsReply = z.infer<typeof OpsReply>;
+
+const Presence = z.enum(['online', 'offline', 'never']);
+
+export const DeviceSummary = z.object({
+  deviceId: z.string(),
+  presence: Presence,
+  lastSeen: z.number().nullable(),
+  desiredVersion: z.number(),
+  reportedVersion: z.number().nullable(),
+  inSync: z.boolean(),
+  createdAt: z.number(),
+});
+export type DeviceSummary = z.infer<typeof DeviceSummary>;
+
+export const DeviceDetail = DeviceSummary.extend({
+  facts: FactsMessage.nullable(),
+  desired: DesiredDoc,
+  reported: ReportedMessage.nullable(),
+  /** RFC 6902 patch that would take the reported state to the desired one; empty when in sync. */
+  drift: JsonPatch,
+  rejectedMessages: z.number(),
+});
+export type DeviceDetail = z.infer<typeof DeviceDetail>;
+
+export const AuditEntry = z.object({
+  seq: z.number(),
+  ts: z.number(),
+  actor: z.string(),
+  action: z.string(),
+  target: z.string().nullable(),
+  ok: z.boolean(),
+  detail: z.unknown(),
+});
+export type AuditEntry = z.infer<typeof AuditEntry>;
+
+export const Credential = z.object({ username: z.string(), password: z.string(), brokerUrl: z.string() });
+
+/**
+ * Every operator method: its parameters, its result, and the least role allowed to call it.
+ * The fleet validates params with these schemas; the CLI validates results with them.
+ */
+export const METHODS = {
+  'devices.list': { role: 'viewer', params: z.object({}).strict(), result: z.object({ devices: z.array(DeviceSummary) }) },
+  'devices.show': { role: 'viewer', params: z.object({ deviceId: Id }).strict(), result: DeviceDetail },
+  'devices.add': {
+    role: 'admin',
+    params: z.object({ deviceId: Id }).strict(),
+    result: z.object({ deviceId: z.string(), credential: Credential }),
+  },
+  'devices.remove': { role: 'admin', params: z.object({ deviceId: Id }).strict(), result: z.object({ deviceId: z.string() }) },
+  'desired.get': {
+    role: 'viewer',
+    params: z.object({ deviceId: Id }).strict(),
+    result: z.object({ deviceId: z.string(), version: z.number(), doc: DesiredDoc }),
+  },
+  'desired.set': {
+    role: 'operator',
+    params: z
+      .object({
+        deviceId: Id,
+        patch: JsonPatch.optional(),
+        doc: z.unknown().optional(),
+        /** Optimistic concurrency: refuse if the document is no longer at this version. */
+        baseVersion: z.number().int().min(1).optional(),
+      })
+      .strict()
+      .refine((p) => (p.patch === undefined) !== (p.doc === undefined), 'give exactly one of patch or doc'),
+    result: z.object({ deviceId: z.string(), version: z.number(), doc: DesiredDoc, changed: z.boolean() }),
+  },
+  'audit.list': {
+    role: 'viewer',
+    params: z
+      .object({ limit: z.number().int().min(1).max(10_000).default(100), target: z.string().max(128).optional() })
+      .strict(),
+    result: z.object({ entries: z.array(AuditEntry) }),
+  },
+  'operators.add': {
+    role: 'admin',
+    params: z.object({ name: Id, role: z.enum(ROLES) }).strict(),
+    result: z.object({ name: z.string(), role: z.enum(ROLES), credential: Credential }),
+  },
+  'operators.list': {
+    role: 'viewer',
+    params: z.object({}).strict(),
+    result: z.object({ operators: z.array(z.object({ name: z.string(), role: z.enum(ROLES), createdAt: z.number() })) }),
+  },
+  'operators.remove': { role: 'admin', params: z.object({ name: Id }).strict(), result: z.object({ name: z.string() }) },
+  'fleet.stats': {
+    role: 'viewer',
+    params: z.object({}).strict(),
+    result: z.object({
+      devices: z.number(),
+      online: z.number(),
+      inSync: z.number(),
+      /** Inbound messages refused, by error code. */
+      rejected: z.record(z.string(), z.number()),
+    }),
+  },
+} as const satisfies Record<string, { role: Role; params: z.ZodType; result: z.ZodType }>;
+
+export type Method = keyof typeof METHODS;
+export type MethodParams<M extends Method> = z.input<(typeof METHODS)[M]['params']>;
+export type MethodResult<M extends Method> = z.output<(typeof METHODS)[M]['result']>;
+
+export function isMethod(m: string): m is Method {
+  return Object.prototype.hasOwnProperty.call(METHODS, m);
+}

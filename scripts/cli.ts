@@ -1,0 +1,302 @@
+#!/usr/bin/env node
+import { existsSync, readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { EXIT, EdgefleetError, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type Role } from '../proto/index.js';
+import { writeFileAtomic } from '../common/files.js';
+import { VERSION } from '../common/version.js';
+import { OpsClient } from './ops-client.js';
+import { resolveProfile } from './cli/profile.js';
+import { ago, bytes, table, time } from './cli/format.js';
+
+const USAGE = `edgefleet ${VERSION}: operator CLI
+
+usage: edgefleet [options] <command>
+
+commands:
+  devices list                         every device, its presence and sync state
+  devices show <id>                    one device: facts, desired and reported state, drift
+  devices add <id> [--out <file>]      provision a device; prints (or writes) its agent config
+  devices remove <id>                  revoke a device's credential and forget it
+  desired get <id>                     the device's desired-state document and version
+  desired set <id> <patch|doc|file>    change it: a JSON Patch array, or a whole document
+                                       (inline JSON or a file); --base-version <n> guards races
+  audit [--limit <n>] [--target <id>]  the operator audit log, newest first
+  operators list | add <name> --role <viewer|operator|admin> | remove <name>
+  stats                                fleet counters: devices, online, in sync, rejected messages
+  broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>]
+                                       password file, ACL and mosquitto.conf for an external broker
+
+options:
+  --json                 machine-readable output
+  --profile <file>       credentials file (default: ./data/cli.json)
+  --url, --user, --password   broker and operator credential (or EDGEFLEET_URL/_USER/_PASSWORD)
+  --timeout <sec>        how long to wait for the fleet (default 10)
+
+exit codes: 0 ok, 2 usage, 10 broker unreachable, 11 credentials refused, 12 forbidden,
+            13 not found, 14 invalid input, 15 timeout, 16 server error, 17 no credentials`;
+
+type Flags = {
+  json?: boolean;
+  profile?: string;
+  url?: string;
+  user?: string;
+  password?: string;
+  timeout?: string;
+  out?: string;
+  role?: string;
+  limit?: string;
+  target?: string;
+  'base-version'?: string;
+  'data-dir'?: string;
+  port?: string;
+  help?: boolean;
+};
+
+class UsageError extends Error {}
+
+const EXIT_FOR: Partial<Record<ErrorCode, number>> = {
+  EF_BROKER_UNREACHABLE: EXIT.CLI_BROKER_UNREACHABLE,
+  EF_BROKER_REFUSED: EXIT.CLI_BROKER_REFUSED,
+  EF_FORBIDDEN: EXIT.CLI_FORBIDDEN,
+  EF_UNKNOWN_DEVICE: EXIT.CLI_NOT_FOUND,
+  EF_UNKNOWN_OPERATOR: EXIT.CLI_NOT_FOUND,
+  EF_UNKNOWN_METHOD: EXIT.CLI_INVALID,
+  EF_BAD_PARAMS: EXIT.CLI_INVALID,
+  EF_BAD_PAYLOAD: EXIT.CLI_INVALID,
+  EF_PATCH_FAILED: EXIT.CLI_INVALID,
+  EF_DESIRED_INVALID: EXIT.CLI_INVALID,
+  EF_VERSION_CONFLICT: EXIT.CLI_INVALID,
+  EF_DEVICE_EXISTS: EXIT.CLI_INVALID,
+  EF_OPERATOR_EXISTS: EXIT.CLI_INVALID,
+  EF_TIMEOUT: EXIT.CLI_TIMEOUT,
+  EF_CONFIG_INVALID: EXIT.CLI_NO_CREDENTIALS,
+};
+
+function out(flags: Flags, data: unknown, human: () => string): void {
+  process.stdout.write((flags.json ? JSON.stringify(data, null, 2) : human()) + '\n');
+}
+
+/** A JSON argument: inline JSON, or the path of a file holding it. */
+function jsonArg(arg: string): unknown {
+  const text = existsSync(arg) ? readFileSync(arg, 'utf8') : arg;
+  try {
+    return JSON.parse(text) as unknown;
+  } catch (e) {
+    throw new EdgefleetError('EF_BAD_PARAMS', `not JSON (nor a readable file): ${(e as Error).message}`);
+  }
+}
+
+async function withClient<T>(flags: Flags, fn: (c: OpsClient) => Promise<T>): Promise<T> {
+  const profile = resolveProfile(flags);
+  const timeoutSec = flags.timeout === undefined ? 10 : Number(flags.timeout);
+  if (!Number.isFinite(timeoutSec) || timeoutSec <= 0) throw new UsageError('--timeout takes a positive number of seconds');
+  const client = await OpsClient.connect({ ...profile, timeoutMs: timeoutSec * 1000 });
+  try {
+    return await fn(client);
+  } finally {
+    await client.close();
+  }
+}
+
+function need(arg: string | undefined, what: string): string {
+  if (arg === undefined) throw new UsageError(`missing ${what}`);
+  return arg;
+}
+
+async function run(cmd: string[], flags: Flags): Promise<void> {
+  const [group, verb, a1, a2] = cmd;
+  const key = `${group ?? ''} ${verb ?? ''}`.trim();
+  switch (group === 'audit' || group === 'stats' ? group : key) {
+    case 'devices list':
+      return withClient(flags, async (c) => {
+        const { devices } = await c.call('devices.list', {});
+        out(flags, devices, () =>
+          devices.length === 0
+            ? 'no devices yet: add one with `edgefleet devices add <id>`'
+            : table(
+                ['DEVICE', 'PRESENCE', 'LAST SEEN', 'DESIRED', 'REPORTED', 'SYNC'],
+                devices.map((d) => [d.deviceId, d.presence, ago(d.lastSeen), d.desiredVersion, d.reportedVersion, d.inSync ? 'in sync' : 'pending']),
+              ),
+        );
+      });
+    case 'devices show':
+      return withClient(flags, async (c) => {
+        const d = await c.call('devices.show', { deviceId: need(a1, 'device id') });
+        out(flags, d, () => {
+          const f = d.facts;
+          const lines = [
+            `device      ${d.deviceId}`,
+            `presence    ${d.presence} (last seen ${ago(d.lastSeen)})`,
+            `desired     version ${d.desiredVersion}`,
+            `reported    ${d.reportedVersion === null ? 'nothing yet' : `version ${d.reportedVersion}`} · ${d.inSync ? 'in sync' : 'not in sync'}`,
+            `rejected    ${d.rejectedMessages} malformed messages`,
+          ];
+          if (f) {
+            lines.push(
+              `board       ${[f.board.manufacturer, f.board.model].filter(Boolean).join(' ') || 'unknown'}`,
+              `os          ${f.os.distro} ${f.os.release} (${f.os.arch}, kernel ${f.os.kernel})`,
+              `cpu         ${f.cpu.brand} × ${f.cpu.cores}`,
+              `memory      ${bytes(f.memory.availableBytes)} free of ${bytes(f.memory.totalBytes)}`,
+              `temperature ${f.temperatureC === null ? 'no sensor' : `${f.temperatureC.toFixed(1)} °C`}`,
+              `agent       ${f.agentVersion} on node ${f.node}; onnxruntime ${f.runtimes.onnxruntime ?? '-'}, tfjs ${f.runtimes.tfjsBackend ?? '-'}`,
+            );
+          }
+          if (d.drift.length > 0) lines.push('drift (reported → desired):', ...d.drift.map((op) => `  ${JSON.stringify(op)}`));
+          return lines.join('\n');
+        });
+      });
+    case 'devices add':
+      return withClient(flags, async (c) => {
+        const deviceId = need(a1, 'device id');
+        const r = await c.call('devices.add', { deviceId });
+        const agentConfig = { deviceId, broker: { url: r.credential.brokerUrl, password: r.credential.password } };
+        if (flags.out) writeFileAtomic(flags.out, JSON.stringify(agentConfig, null, 2) + '\n', 0o600);
+        out(flags, flags.out ? { deviceId, configFile: resolve(flags.out) } : { ...r, agentConfig }, () =>
+          flags.out
+            ? `added ${deviceId}; agent config written to ${flags.out} (keep it secret: it holds the device's password)`
+            : `added ${deviceId}. Its agent config (shown once; the fleet keeps only a hash):\n${JSON.stringify(agentConfig, null, 2)}`,
+        );
+      });
+    case 'devices remove':
+      return withClient(flags, async (c) => {
+        const r = await c.call('devices.remove', { deviceId: need(a1, 'device id') });
+        out(flags, r, () => `removed ${r.deviceId}; its credential no longer works`);
+      });
+    case 'desired get':
+      return withClient(flags, async (c) => {
+        const r = await c.call('desired.get', { deviceId: need(a1, 'device id') });
+        out(flags, r, () => `version ${r.version}\n${JSON.stringify(r.doc, null, 2)}`);
+      });
+    case 'desired set':
+      return withClient(flags, async (c) => {
+        const deviceId = need(a1, 'device id');
+        const value = jsonArg(need(a2, 'a JSON Patch, a document, or a file holding one'));
+        const baseVersion = flags['base-version'] === undefined ? undefined : Number(flags['base-version']);
+        const r = await c.call('desired.set', Array.isArray(value) ? { deviceId, patch: value as JsonPatch, baseVersion } : { deviceId, doc: value, baseVersion });
+        out(flags, r, () => (r.changed ? `desired state of ${deviceId} is now version ${r.version}` : `no change: ${deviceId} stays at version ${r.version}`));
+      });
+    case 'audit':
+      return withClient(flags, async (c) => {
+        const limit = flags.limit === undefined ? 50 : Number(flags.limit);
+        const { entries } = await c.call('audit.list', { limit, ...(flags.target ? { target: flags.target } : {}) });
+        out(flags, entries, () =>
+          table(
+            ['#', 'TIME', 'ACTOR', 'ACTION', 'TARGET', 'RESULT'],
+            entries.map((e) => [e.seq, time(e.ts), e.actor, e.action, e.target, e.ok ? 'ok' : `refused ${(e.detail as { code?: string } | null)?.code ?? ''}`]),
+          ),
+        );
+      });
+    case 'stats':
+      return withClient(flags, async (c) => {
+        const s = await c.call('fleet.stats', {});
+        out(flags, s, () =>
+          [`devices  ${s.devices}`, `online   ${s.online}`, `in sync  ${s.inSync}`, `rejected ${JSON.stringify(s.rejected)}`].join('\n'),
+        );
+      });
+    case 'operators list':
+      return withClient(flags, async (c) => {
+        const { operators } = await c.call('operators.list', {});
+        out(flags, operators, () => table(['OPERATOR', 'ROLE', 'CREATED'], operators.map((o) => [o.name, o.role, time(o.createdAt)])));
+      });
+    case 'operators add':
+      return withClient(flags, async (c) => {
+        const role = need(flags.role, '--role') as Role;
+        if (!ROLES.includes(role)) throw new UsageError(`--role is one of ${ROLES.join(', ')}`);
+        const r = await c.call('operators.add', { name: need(a1, 'operator name'), role });
+        out(flags, r, () => `added operator ${r.name} (${r.role}). Profile (shown once):\n${JSON.stringify(r.credential, null, 2).replace('"brokerUrl"', '"url"')}`);
+      });
+    case 'operators remove':
+      return withClient(flags, async (c) => {
+        const r = await c.call('operators.remove', { name: need(a1, 'operator name') });
+        out(flags, r, () => `removed operator ${r.name}`);
+      });
+    case 'broker-config mosquitto':
+      return brokerConfig(flags);
+    default:
+      throw new UsageError(cmd.length === 0 ? 'no command' : `unknown command: ${cmd.join(' ')}`);
+  }
+}
+
+async function brokerConfig(flags: Flags): Promise<void> {
+  const { openSqliteStore } = await import('../fleet-server/store/sqlite.js');
+  const { writeMosquitto } = await import('../fleet-server/broker/mosquitto.js');
+  const { ensureBootstrapOperator, ensureFleetIdentity } = await import('../fleet-server/auth/bootstrap.js');
+  const dir = need(flags.out, '--out <dir>');
+  const dataDir = flags['data-dir'] ?? './data';
+  const port = flags.port === undefined ? 1883 : Number(flags.port);
+  if (!Number.isInteger(port) || port < 1 || port > 65_535) throw new UsageError('--port takes a TCP port');
+  const url = flags.url ?? `mqtt://127.0.0.1:${port}`;
+  const store = openSqliteStore(join(dataDir, 'fleet.db'));
+  try {
+    ensureFleetIdentity(store, dataDir, 'fleet', Date.now());
+    ensureBootstrapOperator(store, dataDir, url, Date.now());
+    writeMosquitto(store, dir, port, { conf: true });
+  } finally {
+    store.close();
+  }
+  out(flags, { dir: resolve(dir), files: ['mosquitto.conf', 'edgefleet.passwd', 'edgefleet.acl'] }, () =>
+    [
+      `wrote ${join(dir, 'mosquitto.conf')}, edgefleet.passwd and edgefleet.acl`,
+      `start the broker:  mosquitto -c ${join(dir, 'mosquitto.conf')}`,
+      `then the fleet:    EDGEFLEET_SERVER_BROKER_MODE=external EDGEFLEET_SERVER_BROKER_URL=${url} \\`,
+      `                   EDGEFLEET_SERVER_BROKER_MOSQUITTO_CONFIG_DIR=${resolve(dir)} edgefleet-server --data-dir ${dataDir}`,
+    ].join('\n'),
+  );
+}
+
+async function main(argv: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      strict: true,
+      options: {
+        json: { type: 'boolean' },
+        profile: { type: 'string' },
+        url: { type: 'string' },
+        user: { type: 'string' },
+        password: { type: 'string' },
+        timeout: { type: 'string' },
+        out: { type: 'string', short: 'o' },
+        role: { type: 'string' },
+        limit: { type: 'string' },
+        target: { type: 'string' },
+        'base-version': { type: 'string' },
+        'data-dir': { type: 'string' },
+        port: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
+  } catch (e) {
+    process.stderr.write(`edgefleet: ${(e as Error).message}\n\n${USAGE}\n`);
+    return EXIT.USAGE;
+  }
+  const flags = parsed.values;
+  if (flags.help || parsed.positionals[0] === 'help') {
+    process.stdout.write(USAGE + '\n');
+    return EXIT.OK;
+  }
+  try {
+    await run(parsed.positionals, flags);
+    return EXIT.OK;
+  } catch (e) {
+    if (e instanceof UsageError) {
+      process.stderr.write(`edgefleet: ${e.message}\n\n${USAGE}\n`);
+      return EXIT.USAGE;
+    }
+    if (isEdgefleetError(e)) {
+      if (flags.json) process.stdout.write(JSON.stringify({ ok: false, error: { code: e.code, message: e.message } }) + '\n');
+      process.stderr.write(`edgefleet: ${e.message} [${e.code}]\n`);
+      return EXIT_FOR[e.code] ?? EXIT.CLI_SERVER_ERROR;
+    }
+    process.stderr.write(`edgefleet: ${(e as Error).stack ?? String(e)}\n`);
+    return EXIT.CLI_SERVER_ERROR;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  () => process.exit(EXIT.CLI_SERVER_ERROR),
+);
