@@ -32,7 +32,9 @@ interface Identity {
 const AUTH_ERRORS = { BAD_CREDENTIALS: 4, NOT_AUTHORIZED: 5, IDENTIFIER_REJECTED: 2 } as const;
 
 function authError(code: number, message: string): AuthenticateError {
-  return Object.assign(new Error(message), { returnCode: code }) as AuthenticateError;
+  const err = new Error(message) as AuthenticateError;
+  err.returnCode = code as AuthenticateError['returnCode'];
+  return err;
 }
 
 /**
