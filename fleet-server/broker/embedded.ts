@@ -33,7 +33,7 @@ const AUTH_ERRORS = { BAD_CREDENTIALS: 4, NOT_AUTHORIZED: 5, IDENTIFIER_REJECTED
 
 function authError(code: number, message: string): AuthenticateError {
   const err = new Error(message) as AuthenticateError;
-  err.returnCode = code as AuthenticateError['returnCode'];
+  err.returnCode = code;
   return err;
 }
 
