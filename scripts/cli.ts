@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { userInfo } from 'node:os';
 import { parseArgs } from 'node:util';
 import { EXIT, EdgefleetError, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type Role } from '../proto/index.js';
 import { writeFileAtomic } from '../common/files.js';
@@ -24,8 +25,9 @@ commands:
   audit [--limit <n>] [--target <id>]  the operator audit log, newest first
   operators list | add <name> --role <viewer|operator|admin> | remove <name>
   stats                                fleet counters: devices, online, in sync, rejected messages
-  broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>]
-                                       password file, ACL and mosquitto.conf for an external broker
+  broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>] [--run-as <user>]
+                                       password file, ACL and mosquitto.conf for an external broker;
+                                       Mosquitto runs as --run-as (default: whoever runs this command)
 
 options:
   --json                 machine-readable output
@@ -49,6 +51,7 @@ type Flags = {
   target?: string;
   'base-version'?: string;
   'data-dir'?: string;
+  'run-as'?: string;
   port?: string;
   help?: boolean;
 };
@@ -231,7 +234,7 @@ async function brokerConfig(flags: Flags): Promise<void> {
   try {
     ensureFleetIdentity(store, dataDir, 'fleet', Date.now());
     ensureBootstrapOperator(store, dataDir, url, Date.now());
-    writeMosquitto(store, dir, port, { conf: true });
+    writeMosquitto(store, dir, port, { conf: true, runAs: flags['run-as'] ?? userInfo().username });
   } finally {
     store.close();
   }
@@ -265,6 +268,7 @@ async function main(argv: string[]): Promise<number> {
         target: { type: 'string' },
         'base-version': { type: 'string' },
         'data-dir': { type: 'string' },
+        'run-as': { type: 'string' },
         port: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
