@@ -1,3 +1,4 @@
+import { Writable } from 'node:stream';
 import { pino, type Logger, type LoggerOptions } from 'pino';
 
 export type { Logger };
@@ -31,7 +32,10 @@ export function createLogger(name: string, level: string = process.env.EDGEFLEET
   });
 }
 
-/** A logger that prints nothing, for tests and library callers that bring none. */
+/**
+ * A logger that prints nothing, for tests and library callers that bring none. Its output goes
+ * nowhere, so it stays quiet even when a daemon raises the level (desired state may set one).
+ */
 export function silentLogger(): Logger {
-  return pino({ level: 'silent' });
+  return pino({ level: 'silent' }, new Writable({ write: (_chunk, _enc, cb) => cb() }));
 }

@@ -29,6 +29,21 @@ interface Identity {
   grants: Grants;
 }
 
+/**
+ * aedes drops, per subscriber, any message whose broker sequence number is not above the highest
+ * it has delivered to that subscriber (its `dedupe`, meant for packets seen twice across a
+ * cluster). Numbers are taken when a PUBLISH arrives, but a retained message first waits for
+ * LevelDB to store it, so a later message regularly overtakes it and the retained one (a device's
+ * `online` status, say) is silently lost. A single broker has no cross-broker duplicates to drop;
+ * the cost of switching it off is the ordinary QoS 1 redelivery every handler already tolerates.
+ */
+function disableReorderDedupe(client: Client): void {
+  (client as unknown as { duplicates: Record<string, number> }).duplicates = new Proxy(Object.create(null) as Record<string, number>, {
+    get: () => 0,
+    set: () => true,
+  });
+}
+
 const AUTH_ERRORS = { BAD_CREDENTIALS: 4, NOT_AUTHORIZED: 5, IDENTIFIER_REJECTED: 2 } as const;
 
 function authError(code: number, message: string): AuthenticateError {
@@ -68,6 +83,10 @@ export class EmbeddedBroker {
     this.persistence = new AsyncLevelPersistence(db);
     const aedes = await Aedes.createBroker({
       persistence: this.persistence,
+      preConnect: (client, _packet, done) => {
+        disableReorderDedupe(client);
+        done(null, true);
+      },
       authenticate: (client, username, password, done) => this.authenticate(client, username, password, done),
       authorizePublish: (client, packet, done) => this.authorizePublish(client, packet, done),
       authorizeSubscribe: (client, sub, done) => this.authorizeSubscribe(client, sub, done),
@@ -113,8 +132,11 @@ export class EmbeddedBroker {
     const aedes = this.aedes;
     this.server = null;
     this.aedes = null;
-    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+    // Stop accepting first, then close every client: server.close() only calls back once the last
+    // connection is gone, and connected devices never leave on their own.
+    const listenerClosed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
     if (aedes) await new Promise<void>((resolve) => aedes.close(() => resolve()));
+    await listenerClosed;
     if (this.persistence) await this.persistence.destroy();
     this.persistence = null;
   }

@@ -69,10 +69,13 @@ export class DeviceInbound {
       case 'facts':
         this.store.devices.setFacts(deviceId, value as FactsMessage, at);
         return;
-      case 'reported':
+      case 'reported': {
+        const msg = value as ReportedMessage;
         this.store.devices.touch(deviceId, at);
-        this.desired.recordReported(deviceId, value as ReportedMessage);
+        this.desired.recordReported(deviceId, msg);
+        await this.desired.resyncIfBehind(deviceId, msg.desiredVersion);
         return;
+      }
       case 'resync':
         this.store.devices.touch(deviceId, at);
         this.log.info({ deviceId, ...(value as ResyncMessage) }, 'device asked for its full desired state');

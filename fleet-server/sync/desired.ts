@@ -14,6 +14,9 @@ import {
 import type { Logger } from '../../common/log.js';
 import type { DesiredRow, FleetStore } from '../store/types.js';
 
+/** Shortest time between two unrequested full resyncs of one device. */
+export const RESYNC_MIN_INTERVAL_MS = 60_000;
+
 export interface Publisher {
   publish(topic: string, payload: Buffer, opts: { qos: 0 | 1; retain: boolean }): Promise<void>;
 }
@@ -28,6 +31,9 @@ export type DesiredChange = { patch: JsonPatch; baseVersion?: number | undefined
  * (re)connect and on a timer: level-triggered, so no change is ever lost between the two.
  */
 export class DesiredStateService {
+  /** When each device was last sent its whole document, to rate-limit repairs. */
+  private readonly lastResync = new Map<string, number>();
+
   constructor(
     private readonly store: FleetStore,
     private readonly publisher: Publisher,
@@ -97,7 +103,25 @@ export class DesiredStateService {
   /** The whole document, for an agent whose version did not line up. */
   async resync(deviceId: string): Promise<void> {
     const row = this.store.desired.get(deviceId);
-    if (row) await this.publish(row, null);
+    if (!row) return;
+    this.lastResync.set(deviceId, this.now());
+    await this.publish(row, null);
+  }
+
+  /**
+   * Level-triggered repair: a device that reports an older version than the fleet holds is sent the
+   * whole document again, whatever became of the retained message (a broker that lost it, a device
+   * that missed it). At most once per `RESYNC_MIN_INTERVAL_MS` per device, so a device that reports
+   * on connect, before it has read its retained message, costs one spare message at most.
+   */
+  async resyncIfBehind(deviceId: string, reportedVersion: number): Promise<boolean> {
+    const row = this.store.desired.get(deviceId);
+    if (!row || reportedVersion >= row.version) return false;
+    const last = this.lastResync.get(deviceId);
+    if (last !== undefined && this.now() - last < RESYNC_MIN_INTERVAL_MS) return false;
+    this.log.info({ deviceId, reportedVersion, desiredVersion: row.version }, 'device is behind; sending its whole desired state');
+    await this.resync(deviceId);
+    return true;
   }
 
   /** Publishes every document the broker may not hold yet. Returns how many were sent. */
@@ -124,6 +148,7 @@ export class DesiredStateService {
 
   /** Clears the retained document of a removed device so a new device of the same id starts clean. */
   async clear(deviceId: string): Promise<void> {
+    this.lastResync.delete(deviceId);
     await this.publisher.publish(topics.down(deviceId, 'desired'), Buffer.alloc(0), { qos: 1, retain: true });
   }
 }

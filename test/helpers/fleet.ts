@@ -61,6 +61,8 @@ export type BrokerTarget =
 export interface FleetHandle {
   server: FleetServer;
   dataDir: string;
+  /** The fleet's identity (and client id) on the broker. */
+  brokerUsername: string;
   profile: CliProfile;
   admin: OpsClient;
   stop(): Promise<void>;
@@ -87,6 +89,7 @@ export async function startFleet(target: BrokerTarget = { kind: 'embedded' }, da
   const handle: FleetHandle = {
     server,
     dataDir,
+    brokerUsername: config.broker.username,
     profile: readProfile(dataDir),
     admin: await OpsClient.connect(readProfile(dataDir)),
     async stop() {
