@@ -26,6 +26,9 @@ export type Handlers = {
   [M in Method]: (params: MethodParams<M> extends infer P ? Exclude<P, undefined> : never, caller: Caller) => MethodResult<M> | Promise<MethodResult<M>>;
 };
 
+/** How many recent requests are remembered for answering duplicates. */
+const RECENT_REQUESTS = 1000;
+
 /** Parameters worth keeping in the audit log: everything except document bodies and secrets. */
 function auditDetail(method: string, params: unknown): unknown {
   if (params === null || typeof params !== 'object') return undefined;
@@ -39,6 +42,12 @@ function auditDetail(method: string, params: unknown): unknown {
  * unhandled rejection.
  */
 export class OpsDispatcher {
+  /**
+   * Replies to recent requests by (operator, id). QoS 1 is at-least-once: a request the broker
+   * delivers twice (a reconnect, a redelivered session) is answered again, not run again.
+   */
+  private readonly recent = new Map<string, Promise<OpsReply>>();
+
   constructor(
     private readonly store: FleetStore,
     private readonly handlers: Handlers,
@@ -55,6 +64,16 @@ export class OpsDispatcher {
       return { id: correlationIdOf(payload), ok: false, error: { code: decoded.error.code, message: decoded.error.message } };
     }
     const req = decoded.value;
+    const key = `${operator}\u0000${req.id}`;
+    const seen = this.recent.get(key);
+    if (seen) return seen;
+    const reply = this.execute(operator, req);
+    this.recent.set(key, reply);
+    if (this.recent.size > RECENT_REQUESTS) this.recent.delete(this.recent.keys().next().value as string);
+    return reply;
+  }
+
+  private async execute(operator: string, req: OpsRequest): Promise<OpsReply> {
     try {
       const data = await this.run(operator, req.method, req.params ?? {});
       return { id: req.id, ok: true, data };
