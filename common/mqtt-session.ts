@@ -42,6 +42,9 @@ export interface SessionEvents {
  * because mqtt.js only retries at a fixed period, and a fleet that reconnects in lockstep hurts
  * its broker.
  */
+/** Longest a graceful disconnect waits for outstanding acknowledgements. */
+const GRACEFUL_END_MS = 3000;
+
 export class MqttSession extends EventEmitter<SessionEvents> {
   private client: MqttClient | null = null;
   private readonly backoff: Backoff;
@@ -154,6 +157,17 @@ export class MqttSession extends EventEmitter<SessionEvents> {
     const client = this.client;
     this.client = null;
     if (!client) return;
-    await client.endAsync(!graceful || !client.connected);
+    if (!graceful || !client.connected) {
+      await client.endAsync(true);
+      return;
+    }
+    // A graceful end waits for every PUBACK; one the broker will never send must not hold the stop.
+    let timer: NodeJS.Timeout | undefined;
+    const gaveUp = await Promise.race([
+      client.endAsync(false).then(() => false),
+      new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), GRACEFUL_END_MS))),
+    ]);
+    clearTimeout(timer);
+    if (gaveUp) await client.endAsync(true);
   }
 }

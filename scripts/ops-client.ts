@@ -28,6 +28,7 @@ export interface OpsClientOptions {
  * replies matched by id. Used by the `edgefleet` CLI and by tests.
  */
 export class OpsClient {
+  private closed = false;
   private readonly pending = new Map<string, { resolve: (r: OpsReply) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
 
   private constructor(
@@ -103,11 +104,14 @@ export class OpsClient {
   }
 
   async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
     for (const { timer, reject } of this.pending.values()) {
       clearTimeout(timer);
       reject(new Error('client closed'));
     }
     this.pending.clear();
-    await this.client.endAsync();
+    // force: a link that is already down has nothing to flush, and must not keep the caller waiting.
+    await this.client.endAsync(!this.client.connected);
   }
 }
