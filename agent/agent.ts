@@ -1,7 +1,11 @@
 import { mkdirSync, readFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import {
   DesiredMessage,
   MAX_PAYLOAD_BYTES,
+  RECORD_CLASSES,
+  TelemetryAck,
+  type RecordClass,
   decodeJson,
   encodeJson,
   parseTopic,
@@ -15,11 +19,14 @@ import type { Logger } from '../common/log.js';
 import { MqttSession } from '../common/mqtt-session.js';
 import { RejectCounter } from '../common/reject-counter.js';
 import { VERSION } from '../common/version.js';
+import { settleWithin } from '../common/settle.js';
 import type { AgentConfig } from './config.js';
 import { collectFacts } from './facts/collect.js';
 import { probeRuntimes, type RuntimeInfo } from './runtime/backends.js';
 import { DesiredStore } from './state/desired.js';
 import { SessionCounter } from './state/session-counter.js';
+import { OutboxStore } from './outbox/store.js';
+import { DEFAULT_REPLAY, Replayer } from './outbox/replay.js';
 
 /**
  * The device daemon. `start` brings up state, then runtimes, then the link, then the loops; `stop`
@@ -32,6 +39,11 @@ export class Agent {
   private runtimes: RuntimeInfo = { onnxruntime: null, tfjsBackend: null };
   private reportTimer: NodeJS.Timeout | null = null;
   private factsTimer: NodeJS.Timeout | null = null;
+  private housekeepingTimer: NodeJS.Timeout | null = null;
+  private metricsTimer: NodeJS.Timeout | null = null;
+  private outboxStore: OutboxStore | null = null;
+  private replayer: Replayer | null = null;
+  private droppedReported: Record<RecordClass, number> | null = null;
   private applied: AgentSettings | null = null;
   private readonly rejects: RejectCounter;
   private readonly inflight = new Set<Promise<unknown>>();
@@ -60,6 +72,24 @@ export class Agent {
     return this.rejects.snapshot();
   }
 
+  /** The outbox, once started. */
+  get outbox(): OutboxStore {
+    if (!this.outboxStore) throw new Error('agent not started');
+    return this.outboxStore;
+  }
+
+  get replayStats(): Replayer['stats'] | null {
+    return this.replayer?.stats ?? null;
+  }
+
+  /**
+   * Reports something upstream through the outbox: committed locally first, sent when the link
+   * allows, deleted once the fleet has it. Resolves with the record's sequence number.
+   */
+  report(cls: RecordClass, type: string, body: unknown): Promise<number> {
+    return this.outbox.enqueue(cls, type, body);
+  }
+
   /** Called with the new version after every applied desired-state change. */
   onApplied(fn: (version: number) => void): () => void {
     this.listeners.add(fn);
@@ -74,6 +104,15 @@ export class Agent {
     this.sessionCounter = new SessionCounter(cfg.stateDir);
     // Until the fleet has spoken (version 0), the local config's log level stands.
     this.applySettings(desired.version === 0 ? { ...desired.doc.agent, logLevel: cfg.logLevel } : desired.doc.agent);
+    const ob = cfg.outbox;
+    const { store: outbox, movedAside } = OutboxStore.open(cfg.stateDir, { maxBytes: ob.maxBytes, perClass: ob.classes, synchronous: ob.synchronous });
+    this.outboxStore = outbox;
+    this.droppedReported = outbox.droppedCounts();
+    if (movedAside) {
+      this.log.error({ movedTo: movedAside }, 'outbox database failed its integrity check; moved aside, started a fresh one');
+      this.track(outbox.enqueue('event', 'outbox.corrupt', { movedTo: movedAside }));
+    }
+    this.track(outbox.enqueue('event', 'agent.started', { agentVersion: VERSION, desiredVersion: desired.version }));
     if (cfg.runtimes.probe) this.runtimes = await probeRuntimes(this.log.child({ component: 'runtime' }));
 
     const password = cfg.broker.password ?? readFileSync(cfg.broker.passwordFile as string, 'utf8').trim();
@@ -96,18 +135,40 @@ export class Agent {
       this.log.child({ component: 'link' }),
     );
     this.session = session;
+    const replayer = new Replayer(
+      outbox,
+      (payload) => session.publish(topics.up(id, 'telemetry'), payload, { qos: 1 }),
+      this.log.child({ component: 'outbox' }),
+      { ...DEFAULT_REPLAY, bytesPerSec: ob.bytesPerSec, batchMaxRecords: ob.batchMaxRecords },
+    );
+    this.replayer = replayer;
     session.on('message', (topic, payload) => this.onMessage(topic, payload));
-    session.on('connect', () => this.track(this.announce()));
+    session.on('connect', () => {
+      this.track(this.announce());
+      replayer.start();
+    });
+    session.on('disconnect', () => replayer.pause());
+    this.housekeepingTimer = setInterval(() => this.housekeeping(), ob.dropReportIntervalSec * 1000);
+    this.housekeepingTimer.unref();
+    this.metricsTimer = setInterval(() => this.track(this.reportResources()), ob.metricsIntervalSec * 1000);
+    this.metricsTimer.unref();
     session.on('refused', (reason) => this.log.error({ reason }, 'broker refused this device’s credentials; retrying with backoff'));
     session.start();
     this.log.info({ deviceId: id, broker: cfg.broker.url, desiredVersion: desired.version }, 'agent started');
   }
 
   async stop(): Promise<void> {
-    if (this.reportTimer) clearInterval(this.reportTimer);
-    if (this.factsTimer) clearInterval(this.factsTimer);
-    this.reportTimer = this.factsTimer = null;
-    await Promise.allSettled([...this.inflight]);
+    for (const t of [this.reportTimer, this.factsTimer, this.housekeepingTimer, this.metricsTimer]) if (t) clearInterval(t);
+    this.reportTimer = this.factsTimer = this.housekeepingTimer = this.metricsTimer = null;
+    if (!(await settleWithin(this.inflight, 2000))) this.log.warn({ tasks: this.inflight.size }, 'stopping with tasks still waiting on the broker');
+    this.replayer?.close();
+    this.replayer = null;
+    try {
+      this.outboxStore?.close();
+    } catch (err) {
+      this.log.error({ err }, 'error while closing the outbox');
+    }
+    this.outboxStore = null;
     const session = this.session;
     this.session = null;
     if (!session) return;
@@ -163,10 +224,50 @@ export class Agent {
     await session.publish(topics.up(this.config.deviceId, 'resync'), encodeJson(msg), { qos: 1 });
   }
 
+  /** Expires records past their age, and says what was dropped since the last report. */
+  private housekeeping(): void {
+    const outbox = this.outboxStore;
+    if (!outbox) return;
+    try {
+      outbox.expire();
+      const now = outbox.droppedCounts();
+      const prev = this.droppedReported ?? now;
+      const since: Partial<Record<RecordClass, number>> = {};
+      for (const c of RECORD_CLASSES) if (now[c] > prev[c]) since[c] = now[c] - prev[c];
+      if (Object.keys(since).length > 0) {
+        this.droppedReported = now;
+        this.log.warn({ dropped: since }, 'outbox over its bounds; oldest records of the lowest priority dropped');
+        this.track(outbox.enqueue('event', 'outbox.dropped', { since, total: now }));
+      }
+    } catch (err) {
+      this.log.error({ err }, 'outbox housekeeping failed');
+    }
+  }
+
+  private async reportResources(): Promise<void> {
+    const m = process.memoryUsage();
+    const [load1, load5] = loadavg();
+    await this.report('metric', 'resources', { rssBytes: m.rss, heapUsedBytes: m.heapUsed, load1, load5, outbox: this.outboxStore?.backlog() });
+  }
+
+  private onAck(payload: Buffer): void {
+    const decoded = decodeJson(TelemetryAck, payload, MAX_PAYLOAD_BYTES.ack);
+    if (!decoded.ok) {
+      this.rejects.reject(decoded.error.code, 'ack', { message: decoded.error.message.slice(0, 200) });
+      return;
+    }
+    // An ack for no batch in flight (late, or forged) deletes nothing.
+    if (this.replayer && !this.replayer.acknowledge(decoded.value)) this.rejects.reject('EF_BAD_PAYLOAD', 'ack', { reason: 'no such batch in flight' });
+  }
+
   private onMessage(topic: string, payload: Buffer): void {
     const t = parseTopic(topic);
     if (!t || t.dir !== 'down' || t.deviceId !== this.config.deviceId) {
       this.rejects.reject('EF_BAD_PAYLOAD', topic.slice(0, 128), { reason: 'unexpected topic' });
+      return;
+    }
+    if (t.kind === 'ack') {
+      this.onAck(payload);
       return;
     }
     // An empty retained message means the fleet cleared it; there is nothing to apply.
@@ -188,6 +289,7 @@ export class Agent {
       case 'applied':
         this.log.info({ version: result.version }, 'desired state applied');
         this.applySettings(this.desired.doc.agent);
+        this.track(this.report('event', 'desired.applied', { version: result.version }));
         for (const fn of this.listeners) fn(result.version);
         this.track(this.publishReported());
     }

@@ -1,5 +1,16 @@
 import { z } from 'zod';
-import { ID_PATTERN, LOG_LEVELS } from '../proto/index.js';
+import { ID_PATTERN, LOG_LEVELS, RECORD_CLASSES, type RecordClass } from '../proto/index.js';
+
+const DAY = 86_400;
+const MiB = 1024 * 1024;
+/** Defaults sized for a Raspberry Pi's SD card: 64 MiB in all, events kept longest. */
+const CLASS_DEFAULTS: Record<RecordClass, { maxBytes: number; maxAgeSec: number }> = {
+  event: { maxBytes: 16 * MiB, maxAgeSec: 30 * DAY },
+  health: { maxBytes: 8 * MiB, maxAgeSec: 30 * DAY },
+  metric: { maxBytes: 16 * MiB, maxAgeSec: 7 * DAY },
+  stats: { maxBytes: 16 * MiB, maxAgeSec: 7 * DAY },
+  sample: { maxBytes: 16 * MiB, maxAgeSec: 2 * DAY },
+};
 
 /** The agent's configuration: one schema, defaults and descriptions; env EDGEFLEET_AGENT_<PATH>. */
 export const AgentConfig = z
@@ -23,12 +34,51 @@ export const AgentConfig = z
     runtimes: z
       .object({ probe: z.boolean().default(true).describe('load the inference runtimes at start-up and report which are usable') })
       .prefault({}),
+    outbox: z
+      .object({
+        maxBytes: z
+          .number()
+          .int()
+          .min(64 * 1024)
+          .default(64 * 1024 * 1024)
+          .describe('ceiling for everything waiting to be sent, in bytes (the database file stays within about twice this)'),
+        synchronous: z
+          .enum(['NORMAL', 'FULL'])
+          .default('NORMAL')
+          .describe('NORMAL survives a crash of the agent; FULL also a power cut, at a cost per commit (see README)'),
+        classes: z
+          .object(
+            Object.fromEntries(
+              RECORD_CLASSES.map((c) => [
+                c,
+                z
+                  .object({
+                    maxBytes: z.number().int().min(1024).default(CLASS_DEFAULTS[c].maxBytes).describe(`${c} records: byte ceiling`),
+                    maxAgeSec: z.number().int().min(60).default(CLASS_DEFAULTS[c].maxAgeSec).describe(`${c} records: kept at most this long unsent`),
+                  })
+                  .prefault({}),
+              ]),
+            ) as Record<RecordClass, z.ZodPrefault<z.ZodObject<{ maxBytes: z.ZodDefault<z.ZodNumber>; maxAgeSec: z.ZodDefault<z.ZodNumber> }>>>,
+          )
+          .prefault({}),
+        bytesPerSec: z.number().int().min(0).default(0).describe('cap on telemetry bytes per second for metered links (0: none)'),
+        batchMaxRecords: z.number().int().min(1).max(5000).default(500).describe('records per telemetry batch'),
+        metricsIntervalSec: z.number().int().min(1).default(60).describe('seconds between resource-usage metrics'),
+        dropReportIntervalSec: z.number().int().min(1).default(60).describe('at most one `outbox.dropped` event per this many seconds'),
+      })
+      .prefault({}),
     shutdownTimeoutSec: z.number().min(1).default(10).describe('longest a graceful stop may take before the agent exits anyway'),
   })
   .strict()
-  .superRefine((c, ctx) => {
-    if (c.broker.password === undefined && c.broker.passwordFile === undefined) {
-      ctx.addIssue({ code: 'custom', path: ['broker', 'password'], message: 'give broker.password or broker.passwordFile' });
-    }
-  });
+  .superRefine(
+    (c, ctx) => {
+      // Also runs when other settings failed (see `when`), so `broker` may not be an object then.
+      const broker = c.broker as Partial<typeof c.broker> | null | undefined;
+      if (broker && typeof broker === 'object' && broker.password === undefined && broker.passwordFile === undefined) {
+        ctx.addIssue({ code: 'custom', path: ['broker', 'password'], message: 'give broker.password or broker.passwordFile' });
+      }
+    },
+    // Checked beside every other problem, so that all are reported at once.
+    { when: (p) => typeof p.value === 'object' && p.value !== null },
+  );
 export type AgentConfig = z.infer<typeof AgentConfig>;

@@ -33,11 +33,24 @@ export const ServerConfig = z
       })
       .prefault({}),
     publishPendingIntervalSec: z.number().min(1).default(30).describe('how often desired state the broker may not hold is published again'),
+    telemetry: z
+      .object({
+        retentionDays: z.number().positive().default(30).describe('telemetry records older than this (by arrival) are removed'),
+        maxRecordsPerDevice: z.number().int().min(1).default(100_000).describe('per device, only the newest this many telemetry records are kept'),
+        pruneIntervalSec: z.number().min(1).default(300).describe('how often retention runs'),
+      })
+      .prefault({}),
   })
   .strict()
-  .superRefine((c, ctx) => {
-    if (c.broker.mode === 'external' && !c.broker.url) {
-      ctx.addIssue({ code: 'custom', path: ['broker', 'url'], message: 'an external broker needs a url' });
-    }
-  });
+  .superRefine(
+    (c, ctx) => {
+      // Also runs when other settings failed (see `when`), so `broker` may not be an object then.
+      const broker = c.broker as Partial<typeof c.broker> | null | undefined;
+      if (broker && typeof broker === 'object' && broker.mode === 'external' && !broker.url) {
+        ctx.addIssue({ code: 'custom', path: ['broker', 'url'], message: 'an external broker needs a url' });
+      }
+    },
+    // Checked beside every other problem, so that all are reported at once.
+    { when: (p) => typeof p.value === 'object' && p.value !== null },
+  );
 export type ServerConfig = z.infer<typeof ServerConfig>;

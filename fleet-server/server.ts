@@ -6,6 +6,7 @@ import { encodeJson, topics, parseTopic } from '../proto/index.js';
 import type { Logger } from '../common/log.js';
 import { MqttSession } from '../common/mqtt-session.js';
 import { RejectCounter } from '../common/reject-counter.js';
+import { settleWithin } from '../common/settle.js';
 import { EmbeddedBroker } from './broker/embedded.js';
 import { writeMosquitto } from './broker/mosquitto.js';
 import { CLI_PROFILE_FILE, ensureBootstrapOperator, ensureFleetIdentity } from './auth/bootstrap.js';
@@ -28,6 +29,7 @@ export class FleetServer {
   private broker: EmbeddedBroker | null = null;
   private session: MqttSession | null = null;
   private timer: NodeJS.Timeout | null = null;
+  private pruneTimer: NodeJS.Timeout | null = null;
   private readonly rejects: RejectCounter;
   private readonly inflight = new Set<Promise<unknown>>();
   private brokerUrlValue = '';
@@ -90,7 +92,14 @@ export class FleetServer {
     await this.writeBrokerFiles();
 
     const desired = new DesiredStateService(store, { publish: (t, p, o) => this.publish(t, p, o) }, this.log.child({ component: 'desired' }), this.now);
-    const inbound = new DeviceInbound(store, desired, this.log.child({ component: 'devices' }), this.rejects, this.now);
+    const inbound = new DeviceInbound(
+      store,
+      desired,
+      this.log.child({ component: 'devices' }),
+      this.rejects,
+      (deviceId, ack) => this.publish(topics.down(deviceId, 'ack'), encodeJson(ack), { qos: 1, retain: false }),
+      this.now,
+    );
     const ops = new OpsDispatcher(
       store,
       createHandlers({
@@ -153,13 +162,26 @@ export class FleetServer {
       if (session.connected) this.track(desired.publishPending());
     }, cfg.publishPendingIntervalSec * 1000);
     this.timer.unref();
+    const retention = cfg.telemetry;
+    const prune = (): void => {
+      try {
+        const n = store.telemetry.prune(this.now() - retention.retentionDays * 86_400_000, retention.maxRecordsPerDevice);
+        if (n > 0) this.log.info({ records: n }, 'telemetry past retention removed');
+      } catch (err) {
+        this.log.error({ err }, 'telemetry retention failed');
+      }
+    };
+    prune();
+    this.pruneTimer = setInterval(prune, retention.pruneIntervalSec * 1000);
+    this.pruneTimer.unref();
     this.log.info({ brokerUrl: this.brokerUrlValue, dataDir: cfg.dataDir }, 'fleet server started');
   }
 
   async stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await Promise.allSettled([...this.inflight]);
+    if (this.pruneTimer) clearInterval(this.pruneTimer);
+    this.timer = this.pruneTimer = null;
+    if (!(await settleWithin(this.inflight, 5000))) this.log.warn({ tasks: this.inflight.size }, 'stopping with handlers still waiting on the broker');
     const steps: [string, () => Promise<void> | void][] = [
       ['link', async () => this.session?.stop()],
       ['broker', async () => this.broker?.stop()],

@@ -3,13 +3,32 @@ import { EdgefleetError } from './errors.js';
 
 /**
  * Payload encoding. Control messages are UTF-8 JSON objects (first byte `{`). Bulk data (tensor
- * bundles, delta patches, federated updates) will travel as binary frames whose first byte is 0xEF,
- * followed by a frame type and a version byte; no frame type is defined yet, so such a payload on a
+ * bundles, delta patches, federated updates) travel as binary frames whose first byte is 0xEF,
+ * followed by a frame type and a version byte (0x01: a telemetry batch, see telemetry.ts); such a payload on a
  * JSON topic is rejected like any other malformed input.
  */
 export const BINARY_FRAME_MAGIC = 0xef;
 
 export type Decoded<T> = { ok: true; value: T } | { ok: false; error: EdgefleetError };
+
+/**
+ * Deepest nesting of arrays and objects a payload may have. JSON.parse reads any depth, but what
+ * runs after it (canonicalJson, JSON.stringify, structuredClone, JSON Patch) recurses: a few
+ * kilobytes of `[[[[…]]]]` would overflow the stack there, in a place that was never meant to throw.
+ */
+export const MAX_JSON_DEPTH = 64;
+
+/** True when `value` nests arrays and objects more than `max` levels deep. Iterative, so safe at any depth. */
+export function nestsDeeperThan(value: unknown, max: number): boolean {
+  const stack: [unknown, number][] = [[value, 1]];
+  for (let top = stack.pop(); top !== undefined; top = stack.pop()) {
+    const [v, level] = top;
+    if (v === null || typeof v !== 'object') continue;
+    if (level > max) return true;
+    for (const child of Object.values(v)) stack.push([child, level + 1]);
+  }
+  return false;
+}
 
 /** Parses `payload` as JSON and validates it against `schema`; never throws. */
 export function decodeJson<S extends z.ZodType>(schema: S, payload: Buffer | Uint8Array, maxBytes: number): Decoded<z.output<S>> {
@@ -21,6 +40,9 @@ export function decodeJson<S extends z.ZodType>(schema: S, payload: Buffer | Uin
     raw = JSON.parse(Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength).toString('utf8'));
   } catch {
     return { ok: false, error: new EdgefleetError('EF_BAD_PAYLOAD', 'payload is not JSON') };
+  }
+  if (nestsDeeperThan(raw, MAX_JSON_DEPTH)) {
+    return { ok: false, error: new EdgefleetError('EF_BAD_PAYLOAD', `payload nests deeper than ${MAX_JSON_DEPTH} levels`) };
   }
   const parsed = schema.safeParse(raw);
   if (!parsed.success) {

@@ -5,3 +5,4 @@ export * from './limits.js';
 export * from './desired.js';
 export * from './device.js';
 export * from './ops.js';
+export * from './telemetry.js';

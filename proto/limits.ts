@@ -9,6 +9,8 @@ export const MAX_PAYLOAD_BYTES: Record<UpKind | DownKind | 'opsRequest' | 'opsRe
   facts: 64 * 1024,
   reported: 256 * 1024,
   resync: 1024,
+  telemetry: 512 * 1024,
+  ack: 64 * 1024,
   desired: 256 * 1024,
   opsRequest: 256 * 1024,
   opsReply: 16 * 1024 * 1024,

@@ -3,6 +3,7 @@ import { ERROR_CODES } from './errors.js';
 import { DesiredDoc, JsonPatch } from './desired.js';
 import { FactsMessage, ReportedMessage } from './device.js';
 import { ID_PATTERN } from './topics.js';
+import { Backlog, RECORD_CLASSES } from './telemetry.js';
 
 /** Operator roles, least to most privileged. A method names the least role that may call it. */
 export const ROLES = ['viewer', 'operator', 'admin'] as const;
@@ -47,6 +48,27 @@ export const DeviceSummary = z.object({
 });
 export type DeviceSummary = z.infer<typeof DeviceSummary>;
 
+/** The fleet's view of a device's telemetry: what arrived, and the agent's own account of what it still holds. */
+export const TelemetrySummary = z.object({
+  lastSeq: z.number(),
+  received: z.number(),
+  /** Records that arrived again (a redelivery or a replay) and were dropped by deduplication. */
+  duplicates: z.number(),
+  backlog: Backlog,
+  reportedAt: z.number(),
+});
+export type TelemetrySummary = z.infer<typeof TelemetrySummary>;
+
+export const TelemetryEntry = z.object({
+  seq: z.number(),
+  cls: z.enum(RECORD_CLASSES),
+  type: z.string(),
+  ts: z.number(),
+  receivedAt: z.number(),
+  body: z.unknown(),
+});
+export type TelemetryEntry = z.infer<typeof TelemetryEntry>;
+
 export const DeviceDetail = DeviceSummary.extend({
   facts: FactsMessage.nullable(),
   desired: DesiredDoc,
@@ -54,6 +76,7 @@ export const DeviceDetail = DeviceSummary.extend({
   /** RFC 6902 patch that would take the reported state to the desired one; empty when in sync. */
   drift: JsonPatch,
   rejectedMessages: z.number(),
+  telemetry: TelemetrySummary.nullable(),
 });
 export type DeviceDetail = z.infer<typeof DeviceDetail>;
 
@@ -120,6 +143,19 @@ export const METHODS = {
     result: z.object({ operators: z.array(z.object({ name: z.string(), role: z.enum(ROLES), createdAt: z.number() })) }),
   },
   'operators.remove': { role: 'admin', params: z.object({ name: Id }).strict(), result: z.object({ name: z.string() }) },
+  'telemetry.list': {
+    role: 'viewer',
+    params: z
+      .object({
+        deviceId: Id,
+        limit: z.number().int().min(1).max(1000).default(50),
+        cls: z.enum(RECORD_CLASSES).optional(),
+        /** Paging: records below this sequence number. */
+        beforeSeq: z.number().int().min(1).optional(),
+      })
+      .strict(),
+    result: z.object({ deviceId: z.string(), records: z.array(TelemetryEntry) }),
+  },
   'fleet.stats': {
     role: 'viewer',
     params: z.object({}).strict(),

@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { userInfo } from 'node:os';
 import { parseArgs } from 'node:util';
-import { EXIT, EdgefleetError, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type Role } from '../proto/index.js';
+import { EXIT, EdgefleetError, RECORD_CLASSES, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type RecordClass, type Role } from '../proto/index.js';
 import { writeFileAtomic } from '../common/files.js';
 import { VERSION } from '../common/version.js';
 import { OpsClient } from './ops-client.js';
@@ -24,6 +24,7 @@ commands:
                                        (inline JSON or a file); --base-version <n> guards races
   audit [--limit <n>] [--target <id>]  the operator audit log, newest first
   operators list | add <name> --role <viewer|operator|admin> | remove <name>
+  telemetry <id> [--limit <n>] [--class <c>]  recent telemetry of a device, newest first
   stats                                fleet counters: devices, online, in sync, rejected messages
   broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>] [--run-as <user>]
                                        password file, ACL and mosquitto.conf for an external broker;
@@ -49,6 +50,7 @@ type Flags = {
   role?: string;
   limit?: string;
   target?: string;
+  class?: string;
   'base-version'?: string;
   'data-dir'?: string;
   'run-as'?: string;
@@ -110,7 +112,7 @@ function need(arg: string | undefined, what: string): string {
 async function run(cmd: string[], flags: Flags): Promise<void> {
   const [group, verb, a1, a2] = cmd;
   const key = `${group ?? ''} ${verb ?? ''}`.trim();
-  switch (group === 'audit' || group === 'stats' ? group : key) {
+  switch (group === 'audit' || group === 'stats' || group === 'telemetry' ? group : key) {
     case 'devices list':
       return withClient(flags, async (c) => {
         const { devices } = await c.call('devices.list', {});
@@ -145,6 +147,16 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
               `agent       ${f.agentVersion} on node ${f.node}; onnxruntime ${f.runtimes.onnxruntime ?? '-'}, tfjs ${f.runtimes.tfjsBackend ?? '-'}`,
             );
           }
+          const t = d.telemetry;
+          if (t) {
+            const dropped = Object.entries(t.backlog.dropped).map(([c, n]) => `${n} ${c}`);
+            lines.push(
+              `telemetry   last sequence ${t.lastSeq} · ${t.received} received, ${t.duplicates} duplicates dropped (as of ${ago(t.reportedAt)})`,
+              `outbox      ${t.backlog.records} records (${bytes(t.backlog.bytes)}) not yet delivered` +
+                (t.backlog.oldestAgeSec === null ? '' : `, oldest ${Math.round(t.backlog.oldestAgeSec)} s old`) +
+                ` · dropped to stay in bounds: ${dropped.length > 0 ? dropped.join(', ') : 'none'}`,
+            );
+          } else lines.push('telemetry   nothing received yet');
           if (d.drift.length > 0) lines.push('drift (reported → desired):', ...d.drift.map((op) => `  ${JSON.stringify(op)}`));
           return lines.join('\n');
         });
@@ -188,6 +200,22 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
             ['#', 'TIME', 'ACTOR', 'ACTION', 'TARGET', 'RESULT'],
             entries.map((e) => [e.seq, time(e.ts), e.actor, e.action, e.target, e.ok ? 'ok' : `refused ${(e.detail as { code?: string } | null)?.code ?? ''}`]),
           ),
+        );
+      });
+    case 'telemetry':
+      return withClient(flags, async (c) => {
+        const deviceId = need(verb, 'device id');
+        const cls = flags.class as RecordClass | undefined;
+        if (cls !== undefined && !RECORD_CLASSES.includes(cls)) throw new UsageError(`--class is one of ${RECORD_CLASSES.join(', ')}`);
+        const limit = flags.limit === undefined ? 50 : Number(flags.limit);
+        const { records } = await c.call('telemetry.list', { deviceId, limit, ...(cls ? { cls } : {}) });
+        out(flags, records, () =>
+          records.length === 0
+            ? `no telemetry from ${deviceId} yet`
+            : table(
+                ['SEQ', 'CREATED', 'CLASS', 'TYPE', 'BODY'],
+                records.map((r) => [r.seq, time(r.ts), r.cls, r.type, JSON.stringify(r.body).slice(0, 80)]),
+              ),
         );
       });
     case 'stats':
@@ -266,6 +294,7 @@ async function main(argv: string[]): Promise<number> {
         role: { type: 'string' },
         limit: { type: 'string' },
         target: { type: 'string' },
+        class: { type: 'string' },
         'base-version': { type: 'string' },
         'data-dir': { type: 'string' },
         'run-as': { type: 'string' },

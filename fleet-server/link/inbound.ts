@@ -5,7 +5,11 @@ import {
   ResyncMessage,
   StatusMessage,
   decodeJson,
+  decodeTelemetryBatch,
   parseTopic,
+  toRanges,
+  type TelemetryAck,
+  type TelemetryBatch,
   type UpKind,
 } from '../../proto/index.js';
 import type { Logger } from '../../common/log.js';
@@ -25,6 +29,8 @@ export class DeviceInbound {
     private readonly desired: DesiredStateService,
     private readonly log: Logger,
     private readonly rejects: RejectCounter,
+    /** Sends a telemetry acknowledgement to a device (`down/ack`). */
+    private readonly ack: (deviceId: string, ack: TelemetryAck) => Promise<void>,
     private readonly now: () => number = Date.now,
   ) {}
 
@@ -42,7 +48,7 @@ export class DeviceInbound {
       this.rejects.reject('EF_UNKNOWN_DEVICE', deviceId, { kind });
       return;
     }
-    const decoded = decodeJson(SCHEMAS[kind], payload, MAX_PAYLOAD_BYTES[kind]);
+    const decoded = kind === 'telemetry' ? decodeTelemetryBatch(payload, MAX_PAYLOAD_BYTES.telemetry) : decodeJson(SCHEMAS[kind], payload, MAX_PAYLOAD_BYTES[kind]);
     if (!decoded.ok) {
       this.rejects.reject(decoded.error.code, deviceId, { kind, message: decoded.error.message.slice(0, 200) });
       this.store.devices.addRejected(deviceId, 1);
@@ -74,6 +80,18 @@ export class DeviceInbound {
         this.store.devices.touch(deviceId, at);
         this.desired.recordReported(deviceId, msg);
         await this.desired.resyncIfBehind(deviceId, msg.desiredVersion);
+        return;
+      }
+      case 'telemetry': {
+        const batch = value as TelemetryBatch;
+        // Stored (or found already stored) before the ack goes out: an ack is a promise that the
+        // records are safe here, and only then may the device delete them.
+        const { inserted, duplicates } = this.store.transaction(() => {
+          this.store.devices.touch(deviceId, at);
+          return this.store.telemetry.ingest(deviceId, batch.records, batch.backlog, at);
+        });
+        if (duplicates > 0) this.log.debug({ deviceId, batch: batch.batch, inserted, duplicates }, 'telemetry duplicates dropped');
+        await this.ack(deviceId, { batch: batch.batch, ranges: toRanges(batch.records.map((r) => r.seq)) });
         return;
       }
       case 'resync':

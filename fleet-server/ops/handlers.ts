@@ -64,6 +64,7 @@ export function createHandlers(deps: HandlerDeps): Handlers {
         reported: reported?.doc ?? null,
         drift: reported?.drift ?? [],
         rejectedMessages: d.rejected,
+        telemetry: store.telemetry.stats(deviceId),
       };
     },
 
@@ -119,6 +120,11 @@ export function createHandlers(deps: HandlerDeps): Handlers {
       store.principals.remove(name);
       await deps.principalsChanged(name);
       return { name };
+    },
+
+    'telemetry.list': ({ deviceId, limit, cls, beforeSeq }) => {
+      requireDevice(store, deviceId);
+      return { deviceId, records: store.telemetry.list(deviceId, { limit: limit ?? 50, cls, beforeSeq }) };
     },
 
     'fleet.stats': () => {

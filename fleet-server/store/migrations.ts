@@ -47,4 +47,28 @@ export const MIGRATIONS: readonly string[] = [
   );
   CREATE INDEX audit_target ON audit (target, seq);
   `,
+  `
+  CREATE TABLE telemetry (
+    device_id   TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+    seq         INTEGER NOT NULL,
+    cls         TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    ts          INTEGER NOT NULL,
+    body        TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (device_id, seq)
+  ) WITHOUT ROWID;
+  CREATE INDEX telemetry_received ON telemetry (received_at);
+  CREATE TABLE telemetry_stats (
+    device_id       TEXT PRIMARY KEY REFERENCES devices(id) ON DELETE CASCADE,
+    last_seq        INTEGER NOT NULL DEFAULT 0,
+    received        INTEGER NOT NULL DEFAULT 0,
+    duplicates      INTEGER NOT NULL DEFAULT 0,
+    backlog_records INTEGER NOT NULL DEFAULT 0,
+    backlog_bytes   INTEGER NOT NULL DEFAULT 0,
+    oldest_age_sec  REAL,
+    dropped         TEXT NOT NULL DEFAULT '{}',
+    reported_at     INTEGER NOT NULL
+  );
+  `,
 ];

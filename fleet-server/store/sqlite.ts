@@ -1,7 +1,7 @@
 import type { Db } from './db.js';
 import { openDb } from './db.js';
-import type { AuditRow, DesiredRow, DeviceRow, FleetStore, Presence, Principal, PrincipalKind, ReportedRow } from './types.js';
-import type { Role } from '../../proto/index.js';
+import type { AuditRow, DesiredRow, DeviceRow, FleetStore, Presence, Principal, PrincipalKind, ReportedRow, TelemetryStats } from './types.js';
+import type { RecordClass, Role } from '../../proto/index.js';
 
 interface PrincipalSql {
   name: string;
@@ -33,6 +33,26 @@ interface ReportedSql {
   doc: string;
   drift: string;
   received_at: number;
+}
+interface TelemetrySql {
+  device_id: string;
+  seq: number;
+  cls: RecordClass;
+  type: string;
+  ts: number;
+  body: string;
+  received_at: number;
+}
+interface TelemetryStatsSql {
+  device_id: string;
+  last_seq: number;
+  received: number;
+  duplicates: number;
+  backlog_records: number;
+  backlog_bytes: number;
+  oldest_age_sec: number | null;
+  dropped: string;
+  reported_at: number;
 }
 interface AuditSql {
   seq: number;
@@ -93,6 +113,26 @@ export function openSqliteStore(path: string): FleetStore {
       `INSERT INTO reported_state (device_id, desired_version, doc, drift, received_at) VALUES (@deviceId, @desiredVersion, @doc, @drift, @receivedAt)
        ON CONFLICT (device_id) DO UPDATE SET desired_version = excluded.desired_version, doc = excluded.doc, drift = excluded.drift, received_at = excluded.received_at`,
     ),
+    tInsert: db.prepare('INSERT OR IGNORE INTO telemetry (device_id, seq, cls, type, ts, body, received_at) VALUES (?, ?, ?, ?, ?, ?, ?)'),
+    tStats: db.prepare(
+      `INSERT INTO telemetry_stats (device_id, last_seq, received, duplicates, backlog_records, backlog_bytes, oldest_age_sec, dropped, reported_at)
+       VALUES (@deviceId, @lastSeq, @inserted, @duplicates, @records, @bytes, @oldestAgeSec, @dropped, @at)
+       ON CONFLICT (device_id) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq), received = received + excluded.received,
+         duplicates = duplicates + excluded.duplicates, backlog_records = excluded.backlog_records, backlog_bytes = excluded.backlog_bytes,
+         oldest_age_sec = excluded.oldest_age_sec, dropped = excluded.dropped, reported_at = excluded.reported_at`,
+    ),
+    tGetStats: db.prepare<[string], TelemetryStatsSql>('SELECT * FROM telemetry_stats WHERE device_id = ?'),
+    tList: db.prepare<[string, number, number], TelemetrySql>('SELECT * FROM telemetry WHERE device_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?'),
+    tListCls: db.prepare<[string, number, string, number], TelemetrySql>(
+      'SELECT * FROM telemetry WHERE device_id = ? AND seq < ? AND cls = ? ORDER BY seq DESC LIMIT ?',
+    ),
+    tPruneAge: db.prepare('DELETE FROM telemetry WHERE received_at < ?'),
+    tPruneCount: db.prepare(
+      `DELETE FROM telemetry WHERE (device_id, seq) IN (
+         SELECT device_id, seq FROM (
+           SELECT device_id, seq, ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY seq DESC) AS n FROM telemetry
+         ) WHERE n > ?)`,
+    ),
     aAppend: db.prepare('INSERT INTO audit (ts, actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?, ?)'),
     aList: db.prepare<[number], AuditSql>('SELECT * FROM audit ORDER BY seq DESC LIMIT ?'),
     aListTarget: db.prepare<[string, number], AuditSql>('SELECT * FROM audit WHERE target = ? ORDER BY seq DESC LIMIT ?'),
@@ -146,6 +186,33 @@ export function openSqliteStore(path: string): FleetStore {
           : null;
       },
       put: (row) => void q.rPut.run({ ...row, doc: JSON.stringify(row.doc), drift: JSON.stringify(row.drift) }),
+    },
+    telemetry: {
+      ingest: (deviceId, records, backlog, at) => {
+        let inserted = 0;
+        for (const r of records) inserted += q.tInsert.run(deviceId, r.seq, r.cls, r.type, r.ts, JSON.stringify(r.body ?? null), at).changes;
+        const duplicates = records.length - inserted;
+        const lastSeq = records.reduce((m, r) => Math.max(m, r.seq), 0);
+        q.tStats.run({ deviceId, lastSeq, inserted, duplicates, ...backlog, dropped: JSON.stringify(backlog.dropped), at });
+        return { inserted, duplicates };
+      },
+      list: (deviceId, { limit, cls, beforeSeq }) => {
+        const before = beforeSeq ?? Number.MAX_SAFE_INTEGER;
+        const rows = cls === undefined ? q.tList.all(deviceId, before, limit) : q.tListCls.all(deviceId, before, cls, limit);
+        return rows.map((r) => ({ seq: r.seq, cls: r.cls, type: r.type, ts: r.ts, body: JSON.parse(r.body) as unknown, receivedAt: r.received_at }));
+      },
+      stats: (deviceId) => {
+        const r = q.tGetStats.get(deviceId);
+        if (!r) return null;
+        return {
+          lastSeq: r.last_seq,
+          received: r.received,
+          duplicates: r.duplicates,
+          backlog: { records: r.backlog_records, bytes: r.backlog_bytes, oldestAgeSec: r.oldest_age_sec, dropped: JSON.parse(r.dropped) as TelemetryStats['backlog']['dropped'] },
+          reportedAt: r.reported_at,
+        };
+      },
+      prune: (receivedBefore, keepPerDevice) => q.tPruneAge.run(receivedBefore).changes + q.tPruneCount.run(keepPerDevice).changes,
     },
     audit: {
       append: (e) => Number(q.aAppend.run(e.ts, e.actor, e.action, e.target, e.ok ? 1 : 0, e.detail === undefined ? null : JSON.stringify(e.detail)).lastInsertRowid),

@@ -1,4 +1,4 @@
-import type { DesiredDoc, FactsMessage, JsonPatch, ReportedMessage, Role } from '../../proto/index.js';
+import type { Backlog, DesiredDoc, FactsMessage, JsonPatch, RecordClass, ReportedMessage, Role, TelemetryRecord } from '../../proto/index.js';
 
 /**
  * Repository ports of the fleet's state. SQLite implements them today; they are kept narrow and
@@ -53,6 +53,26 @@ export interface AuditRow {
   detail: unknown;
 }
 
+export interface TelemetryRow {
+  seq: number;
+  cls: RecordClass;
+  type: string;
+  ts: number;
+  body: unknown;
+  receivedAt: number;
+}
+
+export interface TelemetryStats {
+  /** Highest sequence number received. */
+  lastSeq: number;
+  /** Records stored, and records received again and dropped by deduplication. */
+  received: number;
+  duplicates: number;
+  /** The agent's own account, as of its last batch. */
+  backlog: Backlog;
+  reportedAt: number;
+}
+
 export interface FleetStore {
   /** Runs `fn` atomically: every write inside commits together or not at all. */
   transaction<T>(fn: () => T): T;
@@ -84,6 +104,14 @@ export interface FleetStore {
   reported: {
     get(deviceId: string): ReportedRow | null;
     put(row: ReportedRow): void;
+  };
+  telemetry: {
+    /** Stores what is new, by (device, seq); returns how many were new and how many already stored. */
+    ingest(deviceId: string, records: readonly TelemetryRecord[], backlog: Backlog, at: number): { inserted: number; duplicates: number };
+    list(deviceId: string, opts: { limit: number; cls?: RecordClass | undefined; beforeSeq?: number | undefined }): TelemetryRow[];
+    stats(deviceId: string): TelemetryStats | null;
+    /** Retention: drops records received before `receivedBefore`, and per device all but the newest `keepPerDevice`. */
+    prune(receivedBefore: number, keepPerDevice: number): number;
   };
   audit: {
     append(e: Omit<AuditRow, 'seq'>): number;

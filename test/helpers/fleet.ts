@@ -129,7 +129,7 @@ export async function addDevice(fleet: FleetHandle, deviceId: string): Promise<C
 
 export async function startAgent(
   cred: Credential,
-  opts: { stateDir?: string; protocolVersion?: 4 | 5; url?: string } = {},
+  opts: { stateDir?: string; protocolVersion?: 4 | 5; url?: string; outbox?: Record<string, unknown> } = {},
 ): Promise<{ agent: Agent; stateDir: string }> {
   const stateDir = opts.stateDir ?? tempDir('edgefleet-agent-');
   const config = AgentConfig.parse({
@@ -143,6 +143,7 @@ export async function startAgent(
       reconnectCapMs: 500,
     },
     runtimes: { probe: false },
+    ...(opts.outbox ? { outbox: opts.outbox } : {}),
   });
   const agent = new Agent(config, silentLogger());
   await agent.start();
