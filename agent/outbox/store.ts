@@ -1,9 +1,12 @@
 import { existsSync, mkdirSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import type Database from 'better-sqlite3';
-import { CLASS_PRIORITY, RECORD_CLASSES, type Backlog, type RecordClass, type TelemetryRecord } from '../../proto/index.js';
+import { CLASS_PRIORITY, EdgefleetError, RECORD_CLASSES, type Backlog, type RecordClass, type TelemetryRecord } from '../../proto/index.js';
 import { writeFileAtomic } from '../../common/files.js';
 import { DB_FILE, SEQ_BLOCK, SEQ_FILE, openDb, readSeqFloor } from './db.js';
+
+/** Largest record body, as JSON text; a batch of one must still fit `MAX_PAYLOAD_BYTES.telemetry`. */
+export const MAX_RECORD_BYTES = 256 * 1024;
 
 export interface ClassLimits {
   maxBytes: number;
@@ -152,6 +155,10 @@ export class OutboxStore {
   /** Stages a record; resolves with its sequence number once committed. */
   enqueue(cls: RecordClass, type: string, body: unknown): Promise<number> {
     const json = JSON.stringify(body ?? null);
+    // A record that could never fit a batch would be resent forever; refuse it at the door.
+    if (json.length > MAX_RECORD_BYTES) {
+      return Promise.reject(new EdgefleetError('EF_PAYLOAD_TOO_LARGE', `${type}: ${json.length} bytes, limit ${MAX_RECORD_BYTES}`));
+    }
     return new Promise<number>((resolve, reject) => {
       this.staged.push({ cls, type, body: json, ts: this.now(), resolve, reject });
       if (!this.flushScheduled) {

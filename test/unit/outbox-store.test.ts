@@ -133,4 +133,11 @@ describe('outbox store', () => {
     expect(c).toBeGreaterThan(b);
     third.close();
   });
+
+  it('refuses a record too large to ever be sent, and stores nothing', async () => {
+    const { store } = OutboxStore.open(tempDir(), limits(1 << 30));
+    await expect(store.enqueue('sample', 'huge', 'x'.repeat(300 * 1024))).rejects.toMatchObject({ code: 'EF_PAYLOAD_TOO_LARGE' });
+    expect(store.backlog().records).toBe(0);
+    store.close();
+  });
 });
