@@ -44,6 +44,11 @@ function coerce(raw: string, schema: z.ZodType): unknown {
       return raw;
     }
   }
+  // Numeric literals and unions of them (`protocolVersion: 4 | 5`, `configVersion: 1`): the number
+  // when the string itself does not fit but its number does.
+  if ((inner instanceof z.ZodLiteral || inner instanceof z.ZodUnion) && raw.trim() !== '' && !inner.safeParse(raw).success && inner.safeParse(Number(raw)).success) {
+    return Number(raw);
+  }
   return raw;
 }
 
@@ -97,7 +102,8 @@ export function loadConfig<S extends z.ZodType>(opts: {
   }
   const result = opts.schema.safeParse(raw);
   if (!result.success) {
-    errors.push(...summarizeIssues(result.error.issues, 1000).split('; '));
+    // One line per issue (a message may itself hold "; ", so no joining and splitting).
+    errors.push(...result.error.issues.map((i) => summarizeIssues([i])));
   }
   if (errors.length > 0 || !result.success) return { ok: false, errors };
   return { ok: true, config: deepFreeze(result.data) };

@@ -1,6 +1,6 @@
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { z } from 'zod';
-import { BINARY_FRAME_MAGIC, summarizeIssues } from './codec.js';
+import { BINARY_FRAME_MAGIC, MAX_JSON_DEPTH, nestsDeeperThan, summarizeIssues } from './codec.js';
 import { EdgefleetError } from './errors.js';
 import type { Decoded } from './codec.js';
 
@@ -104,6 +104,8 @@ export function decodeTelemetryBatch(payload: Buffer | Uint8Array, maxBytes: num
   } catch (e) {
     return bad(`frame does not inflate to JSON: ${(e as Error).message.slice(0, 120)}`);
   }
+  // Bodies are stored with JSON.stringify, which recurses: a tiny frame nested thousands deep would throw there.
+  if (nestsDeeperThan(json, MAX_JSON_DEPTH)) return bad(`batch nests deeper than ${MAX_JSON_DEPTH} levels`);
   const parsed = TelemetryBatch.safeParse(json);
   if (!parsed.success) return bad(summarizeIssues(parsed.error.issues, 5));
   return { ok: true, value: parsed.data };
