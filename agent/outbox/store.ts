@@ -1,7 +1,7 @@
 import { existsSync, mkdirSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import type Database from 'better-sqlite3';
-import { CLASS_PRIORITY, EdgefleetError, RECORD_CLASSES, type Backlog, type RecordClass, type TelemetryRecord } from '../../proto/index.js';
+import { CLASS_PRIORITY, EdgefleetError, MAX_JSON_DEPTH, RECORD_CLASSES, nestsDeeperThan, type Backlog, type RecordClass, type TelemetryRecord } from '../../proto/index.js';
 import { writeFileAtomic } from '../../common/files.js';
 import { DB_FILE, SEQ_BLOCK, SEQ_FILE, openDb, readSeqFloor } from './db.js';
 
@@ -158,6 +158,10 @@ export class OutboxStore {
     // A record that could never fit a batch would be resent forever; refuse it at the door.
     if (json.length > MAX_RECORD_BYTES) {
       return Promise.reject(new EdgefleetError('EF_PAYLOAD_TOO_LARGE', `${type}: ${json.length} bytes, limit ${MAX_RECORD_BYTES}`));
+    }
+    // The fleet refuses batches nested deeper than this; such a record would never be acknowledged.
+    if (nestsDeeperThan(body, MAX_JSON_DEPTH - 4)) {
+      return Promise.reject(new EdgefleetError('EF_BAD_PAYLOAD', `${type}: nested deeper than ${MAX_JSON_DEPTH - 4} levels`));
     }
     return new Promise<number>((resolve, reject) => {
       this.staged.push({ cls, type, body: json, ts: this.now(), resolve, reject });

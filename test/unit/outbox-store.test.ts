@@ -137,6 +137,9 @@ describe('outbox store', () => {
   it('refuses a record too large to ever be sent, and stores nothing', async () => {
     const { store } = OutboxStore.open(tempDir(), limits(1 << 30));
     await expect(store.enqueue('sample', 'huge', 'x'.repeat(300 * 1024))).rejects.toMatchObject({ code: 'EF_PAYLOAD_TOO_LARGE' });
+    let deep: unknown = 1;
+    for (let i = 0; i < 100; i++) deep = [deep];
+    await expect(store.enqueue('event', 'deep', deep)).rejects.toMatchObject({ code: 'EF_BAD_PAYLOAD' });
     expect(store.backlog().records).toBe(0);
     store.close();
   });
