@@ -30,6 +30,23 @@ export function nestsDeeperThan(value: unknown, max: number): boolean {
   return false;
 }
 
+/** The same test on JSON text, by scanning it: no parse, no allocation (the outbox runs it per record). */
+export function jsonNestsDeeperThan(json: string, max: number): boolean {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < json.length; i++) {
+    const c = json.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c) i++; // backslash: skip the escaped character
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) inString = true;
+    else if (c === 0x5b || c === 0x7b) {
+      if (++depth > max) return true;
+    } else if (c === 0x5d || c === 0x7d) depth--;
+  }
+  return false;
+}
+
 /** Parses `payload` as JSON and validates it against `schema`; never throws. */
 export function decodeJson<S extends z.ZodType>(schema: S, payload: Buffer | Uint8Array, maxBytes: number): Decoded<z.output<S>> {
   if (payload.byteLength > maxBytes) {

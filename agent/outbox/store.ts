@@ -1,12 +1,15 @@
 import { existsSync, mkdirSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import type Database from 'better-sqlite3';
-import { CLASS_PRIORITY, EdgefleetError, MAX_JSON_DEPTH, RECORD_CLASSES, nestsDeeperThan, type Backlog, type RecordClass, type TelemetryRecord } from '../../proto/index.js';
+import { CLASS_PRIORITY, EdgefleetError, MAX_JSON_DEPTH, RECORD_CLASSES, jsonNestsDeeperThan, type Backlog, type RecordClass, type TelemetryRecord } from '../../proto/index.js';
 import { writeFileAtomic } from '../../common/files.js';
 import { DB_FILE, SEQ_BLOCK, SEQ_FILE, openDb, readSeqFloor } from './db.js';
 
 /** Largest record body, as JSON text; a batch of one must still fit `MAX_PAYLOAD_BYTES.telemetry`. */
 export const MAX_RECORD_BYTES = 256 * 1024;
+
+/** Accounted per record beside its body and type: the row's other columns and index entries. */
+const RECORD_OVERHEAD_BYTES = 32;
 
 export interface ClassLimits {
   maxBytes: number;
@@ -62,8 +65,9 @@ export class OutboxStore {
   /** Records held, kept in step with every insert and delete (COUNT(*) would scan the table per batch). */
   private records = 0;
   private readonly dropped = new Map<RecordClass, number>();
-  private staged: { cls: RecordClass; type: string; body: string; ts: number; resolve: (seq: number) => void; reject: (e: Error) => void }[] = [];
-  private flushScheduled = false;
+  private staged: { cls: RecordClass; type: string; body: string; ts: number }[] = [];
+  /** The commit everything staged waits for: one promise per transaction, not one per record. */
+  private pending: { promise: Promise<number[]>; resolve: (seqs: number[]) => void; reject: (e: Error) => void } | null = null;
   private readonly listeners = new Set<() => void>();
   private readonly q: ReturnType<OutboxStore['prepare']>;
   private readonly checkpointTimer: NodeJS.Timeout;
@@ -160,47 +164,54 @@ export class OutboxStore {
       return Promise.reject(new EdgefleetError('EF_PAYLOAD_TOO_LARGE', `${type}: ${json.length} bytes, limit ${MAX_RECORD_BYTES}`));
     }
     // The fleet refuses batches nested deeper than this; such a record would never be acknowledged.
-    if (nestsDeeperThan(body, MAX_JSON_DEPTH - 4)) {
+    if (jsonNestsDeeperThan(json, MAX_JSON_DEPTH - 4)) {
       return Promise.reject(new EdgefleetError('EF_BAD_PAYLOAD', `${type}: nested deeper than ${MAX_JSON_DEPTH - 4} levels`));
     }
-    return new Promise<number>((resolve, reject) => {
-      this.staged.push({ cls, type, body: json, ts: this.now(), resolve, reject });
-      if (!this.flushScheduled) {
-        this.flushScheduled = true;
-        setImmediate(() => this.flush());
-      }
-    });
+    if (!this.pending) {
+      let resolve!: (seqs: number[]) => void;
+      let reject!: (e: Error) => void;
+      const promise = new Promise<number[]>((res, rej) => ((resolve = res), (reject = rej)));
+      this.pending = { promise, resolve, reject };
+      setImmediate(() => this.flush());
+    }
+    const index = this.staged.push({ cls, type, body: json, ts: this.now() }) - 1;
+    return this.pending.promise.then((seqs) => seqs[index] as number);
   }
 
   /** Commits everything staged, now. */
   flush(): void {
-    this.flushScheduled = false;
     const batch = this.staged;
-    if (batch.length === 0) return;
+    const pending = this.pending;
+    this.pending = null;
+    if (!pending) return;
     this.staged = [];
     let seqs: number[];
     try {
       seqs = this.db.transaction(() => {
-        const out: number[] = [];
-        for (const r of batch) {
+        const out = new Array<number>(batch.length);
+        const added: Partial<Record<RecordClass, number>> = {};
+        for (let i = 0; i < batch.length; i++) {
+          const r = batch[i] as (typeof batch)[number];
           const seq = this.takeSeq();
-          const bytes = Buffer.byteLength(r.body) + r.type.length + 32;
+          // Bounds are budgets, not exact disk usage: UTF-16 length stands in for UTF-8 bytes.
+          const bytes = r.body.length + r.type.length + RECORD_OVERHEAD_BYTES;
           this.q.insert.run(seq, r.cls, CLASS_PRIORITY[r.cls], r.ts, r.type, r.body, bytes);
-          this.classBytes.set(r.cls, (this.classBytes.get(r.cls) ?? 0) + bytes);
-          this.records++;
-          out.push(seq);
+          added[r.cls] = (added[r.cls] ?? 0) + bytes;
+          out[i] = seq;
         }
+        this.records += batch.length;
+        for (const [cls, n] of Object.entries(added) as [RecordClass, number][]) this.classBytes.set(cls, (this.classBytes.get(cls) ?? 0) + n);
         this.q.setMeta.run('next_seq', this.nextSeq);
         this.enforceBounds();
         return out;
       })();
     } catch (e) {
       this.reloadCounters();
-      for (const r of batch) r.reject(e as Error);
+      pending.reject(e as Error);
       return;
     }
     this.dirty = true;
-    batch.forEach((r, i) => r.resolve(seqs[i] as number));
+    pending.resolve(seqs);
     for (const fn of this.listeners) fn();
   }
 
