@@ -42,6 +42,16 @@ export interface SessionEvents {
  * because mqtt.js only retries at a fixed period, and a fleet that reconnects in lockstep hurts
  * its broker.
  */
+/**
+ * Turns Nagle's algorithm off for the client's current connection. mqtt.js writes a PUBLISH in
+ * several pieces; with Nagle on, the second piece waits for the peer's delayed ACK, and every
+ * request/reply round trip costs ~40 ms twice. Call on every 'connect': a reconnect is a new socket.
+ */
+export function disableNagle(client: MqttClient): void {
+  const stream = (client as unknown as { stream?: { setNoDelay?: (on: boolean) => void } }).stream;
+  stream?.setNoDelay?.(true);
+}
+
 /** Longest a graceful disconnect waits for outstanding acknowledgements. */
 const GRACEFUL_END_MS = 3000;
 
@@ -86,6 +96,7 @@ export class MqttSession extends EventEmitter<SessionEvents> {
     const client = mqtt.connect(this.opts.url, options);
     this.client = client;
     client.on('connect', (connack) => {
+      disableNagle(client);
       this.log.info({ url: this.opts.url, sessionPresent: connack.sessionPresent }, 'connected to broker');
       if (this.stableTimer) clearTimeout(this.stableTimer);
       // Only a connection that holds for a minute resets the backoff; a flapping link keeps backing off.

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import mqtt, { type MqttClient } from 'mqtt';
+import { disableNagle } from '../common/mqtt-session.js';
 import {
   EdgefleetError,
   MAX_PAYLOAD_BYTES,
@@ -60,7 +61,10 @@ export class OpsClient {
       connectTimeout: timeoutMs,
     });
     await new Promise<void>((resolve, reject) => {
-      client.once('connect', () => resolve());
+      client.once('connect', () => {
+        disableNagle(client);
+        resolve();
+      });
       client.once('error', (err) => {
         const code = (err as { code?: number | string }).code;
         if (code === 4 || code === 5 || code === 2 || code === 0x86 || code === 0x87 || code === 0x85) {

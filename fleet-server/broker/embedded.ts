@@ -97,7 +97,12 @@ export class EmbeddedBroker {
     aedes.on('clientError', (client, err) => this.log.debug({ clientId: client.id, err: err.message }, 'client error'));
     aedes.on('connectionError', (client, err) => this.log.debug({ clientId: client?.id, err: err.message }, 'connection error'));
 
-    const server = createServer(aedes.handle);
+    const server = createServer((socket) => {
+      // aedes writes a packet in more than one piece; with Nagle's algorithm and delayed ACKs every
+      // request/reply round trip would stall ~40 ms twice.
+      socket.setNoDelay(true);
+      aedes.handle(socket);
+    });
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       const onError = (err: NodeJS.ErrnoException): void => {
