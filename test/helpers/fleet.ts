@@ -14,6 +14,7 @@ import { CLI_PROFILE_FILE, type CliProfile } from '../../fleet-server/auth/boots
 import { AgentConfig } from '../../agent/config.js';
 import { Agent } from '../../agent/agent.js';
 import { OpsClient } from '../../scripts/ops-client.js';
+import { generateSecret, hashSecret } from '../../fleet-server/auth/credentials.js';
 
 type Stoppable = () => unknown;
 const cleanups: Stoppable[] = [];
@@ -114,6 +115,16 @@ export async function startFleet(target: BrokerTarget = { kind: 'embedded' }, da
 
 function readProfile(dataDir: string): CliProfile {
   return JSON.parse(readFileSync(join(dataDir, CLI_PROFILE_FILE), 'utf8')) as CliProfile;
+}
+
+/**
+ * A `fleet`-kind identity (may publish and read the whole tree), inserted straight into the store:
+ * for tests that play the fleet's part or watch everything. Returns its broker credential.
+ */
+export function addFleetIdentity(fleet: FleetHandle, name = uniq('fleet-side')): { username: string; password: string } {
+  const password = generateSecret();
+  fleet.server.fleetStore.principals.insert({ name, kind: 'fleet', role: null, secretHash: hashSecret(password), createdAt: Date.now() });
+  return { username: name, password };
 }
 
 export interface Credential {

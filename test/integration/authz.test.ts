@@ -9,8 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorWithSubackPacket, type MqttClient } from 'mqtt';
 import { TOPIC_ROOT, topics } from '../../proto/index.js';
-import { hashSecret, generateSecret } from '../../fleet-server/auth/credentials.js';
-import { addDevice, cleanup, connectCode, rawClient, startFleet, tempDir, waitFor, type Credential, type FleetHandle } from '../helpers/fleet.js';
+import { addDevice, addFleetIdentity, cleanup, connectCode, rawClient, startFleet, tempDir, waitFor, type Credential, type FleetHandle } from '../helpers/fleet.js';
 import { freePort, mosquittoInstalled, startMosquitto } from '../helpers/mosquitto.js';
 
 interface Arena {
@@ -19,13 +18,6 @@ interface Arena {
   observer: { username: string; password: string };
   /** What a device connecting with someone else's client id gets: refused, or accepted as itself. */
   reusedIdIsRefused: boolean;
-}
-
-/** A `fleet`-kind identity the tests use to watch everything (inserted straight into the store). */
-function addObserver(fleet: FleetHandle): { username: string; password: string } {
-  const password = generateSecret();
-  fleet.server.fleetStore.principals.insert({ name: 'observer', kind: 'fleet', role: null, secretHash: hashSecret(password), createdAt: Date.now() });
-  return { username: 'observer', password };
 }
 
 /** First connect after a credential was issued: Mosquitto picks up a reload a moment later. */
@@ -203,7 +195,7 @@ function matrix(name: string, setup: () => Promise<Arena | null>): void {
 
 matrix('authorization: embedded broker', async () => {
   const fleet = await startFleet({ kind: 'embedded' });
-  return { url: fleet.server.brokerUrl, fleet, observer: addObserver(fleet), reusedIdIsRefused: true };
+  return { url: fleet.server.brokerUrl, fleet, observer: addFleetIdentity(fleet, 'observer'), reusedIdIsRefused: true };
 });
 
 matrix('authorization: Mosquitto with the generated password file and ACL', async () => {
@@ -222,6 +214,6 @@ matrix('authorization: Mosquitto with the generated password file and ACL', asyn
     dataDir,
   );
   expect(fleet.server.fleetStore.principals.get('fleet')).not.toBeNull();
-  const observer = addObserver(fleet);
+  const observer = addFleetIdentity(fleet, 'observer');
   return { url, fleet, observer, reusedIdIsRefused: false };
 });

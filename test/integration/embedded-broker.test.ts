@@ -4,8 +4,7 @@
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import { topics } from '../../proto/index.js';
-import { generateSecret, hashSecret } from '../../fleet-server/auth/credentials.js';
-import { addDevice, cleanup, rawClient, startFleet, waitFor } from '../helpers/fleet.js';
+import { addDevice, addFleetIdentity, cleanup, rawClient, startFleet, waitFor } from '../helpers/fleet.js';
 
 describe('embedded broker delivery', () => {
   afterAll(cleanup);
@@ -13,8 +12,7 @@ describe('embedded broker delivery', () => {
   it('delivers a retained message that a later message overtook to a persistent subscriber', async () => {
     const fleet = await startFleet({ kind: 'embedded' });
     const url = fleet.server.brokerUrl;
-    const password = generateSecret();
-    fleet.server.fleetStore.principals.insert({ name: 'watcher', kind: 'fleet', role: null, secretHash: hashSecret(password), createdAt: Date.now() });
+    const { password } = addFleetIdentity(fleet, 'watcher');
     const watcher = await rawClient(url, { clientId: 'watcher', username: 'watcher', password, clean: false });
     const seen = new Set<string>();
     watcher.on('message', (_t, payload) => seen.add(payload.toString()));

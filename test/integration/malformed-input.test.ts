@@ -19,7 +19,6 @@ import type { MqttClient } from 'mqtt';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { z } from 'zod';
 import type { Agent } from '../../agent/agent.js';
-import { generateSecret, hashSecret } from '../../fleet-server/auth/credentials.js';
 import {
   BINARY_FRAME_MAGIC,
   DOWN_KINDS,
@@ -44,7 +43,7 @@ import {
   isMethod,
   topics,
 } from '../../proto/index.js';
-import { addDevice, applied, cleanup, rawClient, startAgent, startFleet, type FleetHandle } from '../helpers/fleet.js';
+import { addDevice, addFleetIdentity, applied, cleanup, rawClient, startAgent, startFleet, type FleetHandle } from '../helpers/fleet.js';
 
 const AGENT_ID = 'fuzz-agent';
 const SPARE_ID = 'fuzz-spare';
@@ -314,8 +313,7 @@ beforeAll(async () => {
   spare = await rawClient(url, { clientId: SPARE_ID, username: SPARE_ID, password: spareCred.password, clean: true });
 
   const name = 'fuzz-fleet-side';
-  const password = generateSecret();
-  fleet.server.fleetStore.principals.insert({ name, kind: 'fleet', role: null, secretHash: hashSecret(password), createdAt: Date.now() });
+  const { password } = addFleetIdentity(fleet, name);
   fleetSide = await rawClient(url, { clientId: name, username: name, password, clean: true });
 
   opsRaw = await rawClient(url, { clientId: 'admin~fuzz', username: fleet.profile.username, password: fleet.profile.password, clean: true });

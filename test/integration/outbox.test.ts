@@ -7,14 +7,11 @@ import { join } from 'node:path';
 import { deflateRawSync } from 'node:zlib';
 import { afterAll, describe, expect, it } from 'vitest';
 import { BINARY_FRAME_MAGIC, FRAME_TELEMETRY_BATCH, encodeTelemetryBatch, topics } from '../../proto/index.js';
-import { generateSecret, hashSecret } from '../../fleet-server/auth/credentials.js';
-import { addDevice, applied, cleanup, rawClient, startAgent, startFleet, tempDir, waitFor, type FleetHandle } from '../helpers/fleet.js';
+import { addDevice, addFleetIdentity, applied, cleanup, rawClient, startAgent, startFleet, tempDir, uniq, waitFor, type FleetHandle } from '../helpers/fleet.js';
 
 async function fleetSide(fleet: FleetHandle): Promise<ReturnType<typeof rawClient>> {
-  const password = generateSecret();
-  const name = `forger-${Math.random().toString(36).slice(2, 8)}`;
-  fleet.server.fleetStore.principals.insert({ name, kind: 'fleet', role: null, secretHash: hashSecret(password), createdAt: Date.now() });
-  return rawClient(fleet.server.brokerUrl, { clientId: name, username: name, password });
+  const { username, password } = addFleetIdentity(fleet, uniq('forger'));
+  return rawClient(fleet.server.brokerUrl, { clientId: username, username, password });
 }
 
 describe('telemetry outbox', () => {

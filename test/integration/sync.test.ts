@@ -6,9 +6,9 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { MqttClient } from 'mqtt';
 import { DesiredMessage, topics } from '../../proto/index.js';
-import { generateSecret, hashSecret } from '../../fleet-server/auth/credentials.js';
 import {
   addDevice,
+  addFleetIdentity,
   applied,
   brokerReachable,
   cleanup,
@@ -29,8 +29,7 @@ async function fleetSideClient(fleet: FleetHandle, target: BrokerTarget): Promis
   const url = target.kind === 'embedded' ? fleet.server.brokerUrl : target.url;
   const name = uniq('observer');
   if (target.kind === 'embedded') {
-    const password = generateSecret();
-    fleet.server.fleetStore.principals.insert({ name, kind: 'fleet', role: null, secretHash: hashSecret(password), createdAt: Date.now() });
+    const { password } = addFleetIdentity(fleet, name);
     return rawClient(url, { clientId: name, username: name, password, clean: true });
   }
   return rawClient(url, { clientId: name, clean: true });
