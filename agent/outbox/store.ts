@@ -82,17 +82,7 @@ export class OutboxStore {
     this.dir = dir;
     this.db = db;
     this.q = this.prepare();
-    for (const c of RECORD_CLASSES) {
-      this.classBytes.set(c, 0);
-      this.dropped.set(c, 0);
-    }
-    for (const r of this.db.prepare<[], { cls: RecordClass; bytes: number }>('SELECT cls, SUM(bytes) AS bytes FROM records GROUP BY cls').all()) {
-      this.classBytes.set(r.cls, r.bytes);
-    }
-    for (const r of this.db.prepare<[], { key: string; value: number }>("SELECT key, value FROM meta WHERE key LIKE 'dropped.%'").all()) {
-      this.dropped.set(r.key.slice('dropped.'.length) as RecordClass, r.value);
-    }
-    this.records = this.q.count.get()?.n ?? 0;
+    this.reloadCounters();
     // Checkpoints copy the WAL into the database and fsync it: done on a timer, not inside whichever
     // commit happens to cross the WAL threshold, so no enqueue pays for one.
     this.checkpointTimer = setInterval(() => this.checkpoint(), 1000);
@@ -187,7 +177,7 @@ export class OutboxStore {
     this.staged = [];
     let seqs: number[];
     try {
-      seqs = this.db.transaction(() => {
+      seqs = this.write(() => {
         const out = new Array<number>(batch.length);
         const added: Partial<Record<RecordClass, number>> = {};
         for (let i = 0; i < batch.length; i++) {
@@ -204,9 +194,8 @@ export class OutboxStore {
         this.q.setMeta.run('next_seq', this.nextSeq);
         this.enforceBounds();
         return out;
-      })();
+      });
     } catch (e) {
-      this.reloadCounters();
       pending.reject(e as Error);
       return;
     }
@@ -224,13 +213,17 @@ export class OutboxStore {
     return this.nextSeq++;
   }
 
+  /** Deletes one record and keeps the in-memory accounting in step. Inside a transaction only. */
+  private remove(r: Pick<Row, 'seq' | 'cls' | 'bytes'>): void {
+    this.q.del.run(r.seq);
+    this.records--;
+    this.classBytes.set(r.cls, (this.classBytes.get(r.cls) ?? 0) - r.bytes);
+  }
+
   private drop(rows: readonly Row[]): void {
     for (const r of rows) {
-      this.q.del.run(r.seq);
-      this.records--;
-      this.classBytes.set(r.cls, (this.classBytes.get(r.cls) ?? 0) - r.bytes);
-      const n = (this.dropped.get(r.cls) ?? 0) + 1;
-      this.dropped.set(r.cls, n);
+      this.remove(r);
+      this.dropped.set(r.cls, (this.dropped.get(r.cls) ?? 0) + 1);
     }
     const classes = new Set(rows.map((r) => r.cls));
     for (const c of classes) this.q.setMeta.run(`dropped.${c}`, this.dropped.get(c) ?? 0);
@@ -256,13 +249,13 @@ export class OutboxStore {
   /** Drops records older than their class allows. Returns how many went. */
   expire(): number {
     let n = 0;
-    this.db.transaction(() => {
+    this.write(() => {
       for (const cls of RECORD_CLASSES) {
         const rows = this.q.expired.all(cls, this.now() - this.opts.perClass[cls].maxAgeSec * 1000);
         this.drop(rows);
         n += rows.length;
       }
-    })();
+    });
     return n;
   }
 
@@ -307,17 +300,15 @@ export class OutboxStore {
   /** Deletes acknowledged records (only those in `allowed`, the batch they were sent in). Returns how many. */
   acknowledge(ranges: readonly (readonly [number, number])[], allowed: ReadonlySet<number>): number {
     let n = 0;
-    this.db.transaction(() => {
+    this.write(() => {
       for (const [lo, hi] of ranges) {
         for (const r of this.q.rangeRows.all(lo, hi)) {
           if (!allowed.has(r.seq)) continue;
-          this.q.del.run(r.seq);
-          this.records--;
-          this.classBytes.set(r.cls, (this.classBytes.get(r.cls) ?? 0) - r.bytes);
+          this.remove(r);
           n++;
         }
       }
-    })();
+    });
     return n;
   }
 
@@ -368,11 +359,31 @@ export class OutboxStore {
     this.db.close();
   }
 
+  /**
+   * Runs `fn` in a transaction. The in-memory accounting is updated as rows change; if the
+   * transaction rolls back, it is read again from the database, which is the truth.
+   */
+  private write<T>(fn: () => T): T {
+    try {
+      return this.db.transaction(fn)();
+    } catch (e) {
+      this.reloadCounters();
+      throw e;
+    }
+  }
+
+  /** Records, bytes per class and drops per class, as the database holds them. */
   private reloadCounters(): void {
     this.records = this.q.count.get()?.n ?? 0;
-    for (const c of RECORD_CLASSES) this.classBytes.set(c, 0);
+    for (const c of RECORD_CLASSES) {
+      this.classBytes.set(c, 0);
+      this.dropped.set(c, 0);
+    }
     for (const r of this.db.prepare<[], { cls: RecordClass; bytes: number }>('SELECT cls, SUM(bytes) AS bytes FROM records GROUP BY cls').all()) {
       this.classBytes.set(r.cls, r.bytes);
+    }
+    for (const r of this.db.prepare<[], { key: string; value: number }>("SELECT key, value FROM meta WHERE key LIKE 'dropped.%'").all()) {
+      this.dropped.set(r.key.slice('dropped.'.length) as RecordClass, r.value);
     }
   }
 }
