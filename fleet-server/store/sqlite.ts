@@ -127,16 +127,18 @@ export function openSqliteStore(path: string): FleetStore {
       'SELECT * FROM telemetry WHERE device_id = ? AND seq < ? AND cls = ? ORDER BY seq DESC LIMIT ?',
     ),
     tPruneAge: db.prepare('DELETE FROM telemetry WHERE received_at < ?'),
+    // Walks the (device_id, seq) primary key of one device from its newest record: no table scan.
     tPruneCount: db.prepare(
-      `DELETE FROM telemetry WHERE (device_id, seq) IN (
-         SELECT device_id, seq FROM (
-           SELECT device_id, seq, ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY seq DESC) AS n FROM telemetry
-         ) WHERE n > ?)`,
+      `DELETE FROM telemetry WHERE device_id = @id AND seq <= (
+         SELECT seq FROM telemetry WHERE device_id = @id ORDER BY seq DESC LIMIT 1 OFFSET @keep)`,
     ),
     aAppend: db.prepare('INSERT INTO audit (ts, actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?, ?)'),
     aList: db.prepare<[number], AuditSql>('SELECT * FROM audit ORDER BY seq DESC LIMIT ?'),
     aListTarget: db.prepare<[string, number], AuditSql>('SELECT * FROM audit WHERE target = ? ORDER BY seq DESC LIMIT ?'),
   };
+
+  /** Devices that received telemetry since the last count-based prune. */
+  const grown = new Set<string>();
 
   return {
     transaction: <T>(fn: () => T): T => db.transaction(fn)(),
@@ -189,6 +191,7 @@ export function openSqliteStore(path: string): FleetStore {
     },
     telemetry: {
       ingest: (deviceId, records, backlog, at) => {
+        grown.add(deviceId);
         let inserted = 0;
         for (const r of records) inserted += q.tInsert.run(deviceId, r.seq, r.cls, r.type, r.ts, JSON.stringify(r.body ?? null), at).changes;
         const duplicates = records.length - inserted;
@@ -212,7 +215,13 @@ export function openSqliteStore(path: string): FleetStore {
           reportedAt: r.reported_at,
         };
       },
-      prune: (receivedBefore, keepPerDevice) => q.tPruneAge.run(receivedBefore).changes + q.tPruneCount.run(keepPerDevice).changes,
+      prune: (receivedBefore, keepPerDevice) => {
+        let n = q.tPruneAge.run(receivedBefore).changes;
+        // Only a device that sent telemetry since the last run can have grown past the count.
+        for (const id of grown) n += q.tPruneCount.run({ id, keep: keepPerDevice }).changes;
+        grown.clear();
+        return n;
+      },
     },
     audit: {
       append: (e) => Number(q.aAppend.run(e.ts, e.actor, e.action, e.target, e.ok ? 1 : 0, e.detail === undefined ? null : JSON.stringify(e.detail)).lastInsertRowid),

@@ -110,7 +110,10 @@ export interface FleetStore {
     ingest(deviceId: string, records: readonly TelemetryRecord[], backlog: Backlog, at: number): { inserted: number; duplicates: number };
     list(deviceId: string, opts: { limit: number; cls?: RecordClass | undefined; beforeSeq?: number | undefined }): TelemetryRow[];
     stats(deviceId: string): TelemetryStats | null;
-    /** Retention: drops records received before `receivedBefore`, and per device all but the newest `keepPerDevice`. */
+    /**
+     * Retention: drops records received before `receivedBefore`, and per device all but the newest
+     * `keepPerDevice` (checked for the devices that received telemetry since the last call).
+     */
     prune(receivedBefore: number, keepPerDevice: number): number;
   };
   audit: {
