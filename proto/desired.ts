@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { z } from 'zod';
 import { canonicalJson } from './codec.js';
 import { ID_PATTERN } from './topics.js';
+import { ModelSlot } from './model.js';
 
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'] as const;
 
@@ -26,12 +27,6 @@ export const AgentSettings = z
   })
   .strict();
 export type AgentSettings = z.infer<typeof AgentSettings>;
-
-/**
- * A model slot in desired state. Filled in by the model registry; until then the set of slots is
- * empty and any slot body is carried through unchanged.
- */
-export const ModelSlot = z.record(z.string(), z.unknown());
 
 /** The desired-state document of one device. Its version lives beside it, not inside it. */
 export const DesiredDoc = z

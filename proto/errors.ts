@@ -21,6 +21,22 @@ export const ERRORS = {
   EF_BROKER_REFUSED: 'the MQTT broker refused the credentials',
   EF_CONFIG_INVALID: 'configuration is not valid',
   EF_PORT_IN_USE: 'a port the daemon needs is taken',
+  EF_UNKNOWN_MODEL: 'no such model or model version',
+  EF_MODEL_EXISTS: 'this model version already exists',
+  EF_MODEL_INVALID: 'the model or its manifest is not valid',
+  EF_STATUS_TRANSITION: 'the model version cannot move to that status',
+  EF_SIGNATURE_INVALID: 'the manifest is unsigned, or not signed by a trusted fleet key',
+  EF_ARTIFACT_MISSING: 'an artifact the manifest names is not in the store',
+  EF_ARTIFACT_MISMATCH: 'an artifact does not match the size or sha256 its manifest gives',
+  EF_ARTIFACT_TOO_LARGE: 'an artifact exceeds the size cap',
+  EF_ARTIFACT_REFUSED: 'the artifact server refuses this artifact (unknown, or its version is quarantined)',
+  EF_MODEL_EXPIRED: 'the model version is past its expiry',
+  EF_DOWNGRADE_REFUSED: 'the version is below this device’s version floor',
+  EF_RUNTIME_FAILED: 'the inference runtime failed to load or run the model',
+  EF_GOLDEN_MISMATCH: 'the model’s outputs on its golden vectors are outside tolerance',
+  EF_HEALTH_FAILED: 'the model version failed a health check',
+  EF_INFER_INVALID: 'the inference request does not match the model’s signature',
+  EF_MODEL_NOT_READY: 'no verified version of this model is being served',
 } as const;
 
 export type ErrorCode = keyof typeof ERRORS;

@@ -6,3 +6,4 @@ export * from './desired.js';
 export * from './device.js';
 export * from './ops.js';
 export * from './telemetry.js';
+export * from './model.js';
