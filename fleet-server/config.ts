@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { LOG_LEVELS } from '../proto/index.js';
+import { LOG_LEVELS, MAX_ARTIFACT_FILE_BYTES } from '../proto/index.js';
 
 /** The fleet server's configuration: one schema, defaults and descriptions; env EDGEFLEET_SERVER_<PATH>. */
 export const ServerConfig = z
@@ -30,6 +30,37 @@ export const ServerConfig = z
           .optional()
           .describe('external Mosquitto: rewrite edgefleet.passwd and edgefleet.acl here whenever a credential is issued or revoked'),
         mosquittoReloadCommand: z.string().optional().describe('command run after rewriting them, e.g. "systemctl reload mosquitto"'),
+      })
+      .prefault({}),
+    artifacts: z
+      .object({
+        host: z
+          .string()
+          .default('127.0.0.1')
+          .describe('artifact server (model files and manifests over HTTP): address to listen on; 0.0.0.0 so that devices elsewhere can download'),
+        port: z.number().int().min(0).max(65_535).default(8780).describe('artifact server: TCP port (0 picks a free one)'),
+        publicUrl: z.string().optional().describe('artifact server URL for devices and the CLI profile (default: derived from host and port)'),
+        maxFileBytes: z
+          .number()
+          .int()
+          .min(1)
+          .max(MAX_ARTIFACT_FILE_BYTES)
+          .default(1024 * 1024 * 1024)
+          .describe('largest artifact file an operator may upload'),
+        authCacheSec: z
+          .number()
+          .min(0)
+          .max(3600)
+          .default(60)
+          .describe('how long a verified HTTP credential is remembered before its hash is checked again (0: on every request)'),
+      })
+      .prefault({}),
+    signing: z
+      .object({
+        keyFile: z
+          .string()
+          .optional()
+          .describe('fleet signing key, Ed25519 PEM, mode 0600 (default: <dataDir>/fleet-key.pem, created on first start; rotate with `edgefleet key rotate`)'),
       })
       .prefault({}),
     publishPendingIntervalSec: z.number().min(1).default(30).describe('how often desired state the broker may not hold is published again'),

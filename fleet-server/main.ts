@@ -53,9 +53,13 @@ async function main(): Promise<number> {
     sd.close();
     if (isEdgefleetError(e) && e.code === 'EF_PORT_IN_USE') {
       process.stderr.write(
-        `edgefleet-server: ${e.message}.\n  Choose another port with --port <n> or EDGEFLEET_SERVER_BROKER_PORT=<n> (0 picks a free one).\n`,
+        `edgefleet-server: ${e.message}.\n  Choose other ports with --port <n> or EDGEFLEET_SERVER_BROKER_PORT=<n> (the broker) and EDGEFLEET_SERVER_ARTIFACTS_PORT=<n> (the artifact server); 0 picks a free one.\n`,
       );
       return EXIT.SERVER_PORT_IN_USE;
+    }
+    if (isEdgefleetError(e) && e.code === 'EF_CONFIG_INVALID') {
+      process.stderr.write(`edgefleet-server: ${e.message}\n`);
+      return EXIT.SERVER_CONFIG_INVALID;
     }
     log.fatal({ err: e }, 'fleet server failed to start');
     return (e as { code?: string }).code?.startsWith('SQLITE') ? EXIT.SERVER_DATABASE : EXIT.SERVER_FATAL;

@@ -17,6 +17,11 @@ import { createHandlers } from './ops/handlers.js';
 import { openSqliteStore } from './store/sqlite.js';
 import type { FleetStore } from './store/types.js';
 import { DesiredStateService } from './sync/desired.js';
+import { ArtifactStore } from './registry/blobs.js';
+import { ArtifactServer } from './registry/http.js';
+import { FleetKeyring } from './registry/keys.js';
+import { setProfileArtifactsUrl } from './registry/profile.js';
+import { Registry } from './registry/registry.js';
 
 const execAsync = promisify(exec);
 
@@ -27,12 +32,14 @@ const execAsync = promisify(exec);
 export class FleetServer {
   private store: FleetStore | null = null;
   private broker: EmbeddedBroker | null = null;
+  private artifacts: ArtifactServer | null = null;
   private session: MqttSession | null = null;
   private timer: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
   private readonly rejects: RejectCounter;
   private readonly inflight = new Set<Promise<unknown>>();
   private brokerUrlValue = '';
+  private artifactsUrlValue = '';
 
   constructor(
     private readonly config: ServerConfig,
@@ -45,6 +52,11 @@ export class FleetServer {
   /** URL of the broker the fleet uses (for the embedded one, with the port actually bound). */
   get brokerUrl(): string {
     return this.brokerUrlValue;
+  }
+
+  /** URL of the artifact server (model files and manifests over HTTP), with the port actually bound. */
+  get artifactsUrl(): string {
+    return this.artifactsUrlValue;
   }
 
   get dataDir(): string {
@@ -65,6 +77,10 @@ export class FleetServer {
     mkdirSync(cfg.dataDir, { recursive: true, mode: 0o700 });
     const store = openSqliteStore(join(cfg.dataDir, 'fleet.db'));
     this.store = store;
+    // The rest of the fleet's storage: the signing key (created on first start) and the artifact files.
+    const keys = new FleetKeyring({ dataDir: cfg.dataDir, keyFile: cfg.signing.keyFile }, this.now);
+    const blobs = new ArtifactStore(join(cfg.dataDir, 'artifacts'));
+    const registry = new Registry(store, blobs, keys, this.now);
     const fleetPassword = cfg.broker.password ?? ensureFleetIdentity(store, cfg.dataDir, cfg.broker.username, this.now());
 
     if (cfg.broker.mode === 'embedded') {
@@ -82,10 +98,21 @@ export class FleetServer {
       this.brokerUrlValue = cfg.broker.url as string;
     }
     const publicUrl = cfg.broker.publicUrl ?? this.brokerUrlValue;
+
+    const artifacts = new ArtifactServer(
+      { host: cfg.artifacts.host, port: cfg.artifacts.port, maxFileBytes: cfg.artifacts.maxFileBytes, authCacheSec: cfg.artifacts.authCacheSec },
+      { store, registry, blobs, log: this.log.child({ component: 'artifacts' }), now: this.now },
+    );
+    await artifacts.start();
+    this.artifacts = artifacts;
+    const artifactsHost = cfg.artifacts.host === '0.0.0.0' || cfg.artifacts.host === '::' ? '127.0.0.1' : cfg.artifacts.host;
+    this.artifactsUrlValue = cfg.artifacts.publicUrl ?? `http://${artifactsHost.includes(':') ? `[${artifactsHost}]` : artifactsHost}:${artifacts.port}`;
+
     try {
       if (ensureBootstrapOperator(store, cfg.dataDir, this.brokerUrlValue, this.now())) {
         this.log.info({ profile: join(cfg.dataDir, CLI_PROFILE_FILE) }, 'created operator "admin" and its CLI profile');
       }
+      setProfileArtifactsUrl(cfg.dataDir, this.artifactsUrlValue);
     } catch (err) {
       this.log.warn({ err }, 'CLI profile unreadable; left alone');
     }
@@ -112,6 +139,9 @@ export class FleetServer {
           if (removed) this.broker?.disconnect(removed);
           await this.writeBrokerFiles();
         },
+        registry,
+        keys,
+        artifactsUrl: () => this.artifactsUrlValue,
       }),
       this.log.child({ component: 'ops' }),
       this.rejects,
@@ -174,7 +204,7 @@ export class FleetServer {
     prune();
     this.pruneTimer = setInterval(prune, retention.pruneIntervalSec * 1000);
     this.pruneTimer.unref();
-    this.log.info({ brokerUrl: this.brokerUrlValue, dataDir: cfg.dataDir }, 'fleet server started');
+    this.log.info({ brokerUrl: this.brokerUrlValue, artifactsUrl: this.artifactsUrlValue, fleetKey: keys.current.keyId, dataDir: cfg.dataDir }, 'fleet server started');
   }
 
   async stop(): Promise<void> {
@@ -184,6 +214,7 @@ export class FleetServer {
     if (!(await settleWithin(this.inflight, 5000))) this.log.warn({ tasks: this.inflight.size }, 'stopping with handlers still waiting on the broker');
     const steps: [string, () => Promise<void> | void][] = [
       ['link', async () => this.session?.stop()],
+      ['artifacts', async () => this.artifacts?.stop()],
       ['broker', async () => this.broker?.stop()],
       ['store', () => this.store?.close()],
     ];
@@ -195,6 +226,7 @@ export class FleetServer {
       }
     }
     this.session = null;
+    this.artifacts = null;
     this.broker = null;
     this.store = null;
   }

@@ -4,6 +4,7 @@ import { DesiredDoc, JsonPatch } from './desired.js';
 import { FactsMessage, ReportedMessage } from './device.js';
 import { ID_PATTERN } from './topics.js';
 import { Backlog, RECORD_CLASSES } from './telemetry.js';
+import { KeyEndorsement, MODEL_RUNTIMES, MODEL_STATUSES, Manifest, ModelName, ModelSlot, ModelVersion, Sha256, SignedManifest } from './model.js';
 
 /** Operator roles, least to most privileged. A method names the least role that may call it. */
 export const ROLES = ['viewer', 'operator', 'admin'] as const;
@@ -94,6 +95,40 @@ export type AuditEntry = z.infer<typeof AuditEntry>;
 export const Credential = z.object({ username: z.string(), password: z.string(), brokerUrl: z.string() });
 
 /**
+ * What an operator publishes: a manifest without the parts the registry fills in. `version`
+ * defaults to the next one of the name; `createdAt` is the registry's clock; `expiresAt` (ms since
+ * the epoch) defaults to never. The registry signs the result.
+ */
+export const ModelDraft = z
+  .object({ ...Manifest.shape, version: ModelVersion.optional(), expiresAt: Manifest.shape.expiresAt.default(null) })
+  .omit({ createdAt: true })
+  .strict();
+export type ModelDraft = z.infer<typeof ModelDraft>;
+export type ModelDraftInput = z.input<typeof ModelDraft>;
+
+/**
+ * `models.publish` takes the draft inline, or, when it is too large for an operator request (golden
+ * vectors of images), the sha256 of the draft's JSON uploaded to the artifact server beforehand.
+ */
+export const ModelPublishParams = z.union([ModelDraft, z.object({ draftSha256: Sha256 }).strict()]);
+
+export const ModelVersionSummary = z.object({
+  name: z.string(),
+  version: z.number(),
+  status: z.enum(MODEL_STATUSES),
+  manifestSha256: z.string(),
+  runtime: z.enum(MODEL_RUNTIMES),
+  parent: z.number().nullable(),
+  expiresAt: z.number().nullable(),
+  sizeBytes: z.number(),
+  createdAt: z.number(),
+  statusAt: z.number(),
+});
+export type ModelVersionSummary = z.infer<typeof ModelVersionSummary>;
+
+const FleetPublicKey = z.object({ keyId: z.string(), publicKey: z.string(), createdAt: z.number() });
+
+/**
  * Every operator method: its parameters, its result, and the least role allowed to call it.
  * The fleet validates params with these schemas; the CLI validates results with them.
  */
@@ -166,6 +201,56 @@ export const METHODS = {
       /** Inbound messages refused, by error code. */
       rejected: z.record(z.string(), z.number()),
     }),
+  },
+  'models.publish': {
+    role: 'operator',
+    params: ModelPublishParams,
+    result: z.object({ name: z.string(), version: z.number(), status: z.enum(MODEL_STATUSES), manifestSha256: z.string() }),
+  },
+  'models.list': {
+    role: 'viewer',
+    params: z.object({ name: ModelName.optional(), limit: z.number().int().min(1).max(10_000).default(1000) }).strict(),
+    result: z.object({ versions: z.array(ModelVersionSummary) }),
+  },
+  'models.show': {
+    role: 'viewer',
+    /** Without a version: the newest one. */
+    params: z.object({ name: ModelName, version: ModelVersion.optional() }).strict(),
+    result: ModelVersionSummary.extend({ signed: SignedManifest, audit: z.array(AuditEntry) }),
+  },
+  'models.setStatus': {
+    role: 'operator',
+    params: z.object({ name: ModelName, version: ModelVersion, status: z.enum(MODEL_STATUSES), reason: z.string().max(500).optional() }).strict(),
+    result: z.object({ name: z.string(), version: z.number(), status: z.enum(MODEL_STATUSES), previous: z.enum(MODEL_STATUSES) }),
+  },
+  'models.assign': {
+    role: 'operator',
+    /** Sets desired `models[name]` of each device (all or none); refuses quarantined, deprecated and expired versions. */
+    params: z
+      .object({ name: ModelName, version: ModelVersion, deviceIds: z.array(Id).min(1).max(1000), shadow: ModelSlot.shape.shadow })
+      .strict(),
+    result: z.object({
+      name: z.string(),
+      version: z.number(),
+      manifestSha256: z.string(),
+      devices: z.array(z.object({ deviceId: z.string(), desiredVersion: z.number(), changed: z.boolean() })),
+    }),
+  },
+  'models.provisioning': {
+    role: 'viewer',
+    /** What a new agent's `models` settings need: where to download, and which fleet key to trust. */
+    params: z.object({}).strict(),
+    result: z.object({ artifactsUrl: z.string(), trustedKeys: z.array(z.string()) }),
+  },
+  'keys.show': {
+    role: 'viewer',
+    params: z.object({}).strict(),
+    result: FleetPublicKey.extend({ root: FleetPublicKey, chain: z.array(KeyEndorsement) }),
+  },
+  'keys.rotate': {
+    role: 'admin',
+    params: z.object({}).strict(),
+    result: z.object({ keyId: z.string(), previousKeyId: z.string(), publicKey: z.string(), chainLength: z.number() }),
   },
 } as const satisfies Record<string, { role: Role; params: z.ZodType; result: z.ZodType }>;
 

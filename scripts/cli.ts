@@ -9,6 +9,7 @@ import { VERSION } from '../common/version.js';
 import { OpsClient } from './ops-client.js';
 import { resolveProfile } from './cli/profile.js';
 import { ago, bytes, table, time } from './cli/format.js';
+import { MODEL_USAGE, runKeyCommand, runModelCommand, type CommandContext, type ModelFlags } from './cli/model.js';
 
 const USAGE = `edgefleet ${VERSION}: operator CLI
 
@@ -26,6 +27,7 @@ commands:
   operators list | add <name> --role <viewer|operator|admin> | remove <name>
   telemetry <id> [--limit <n>] [--class <c>]  recent telemetry of a device, newest first
   stats                                fleet counters: devices, online, in sync, rejected messages
+${MODEL_USAGE}
   broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>] [--run-as <user>]
                                        password file, ACL and mosquitto.conf for an external broker;
                                        Mosquitto runs as --run-as (default: whoever runs this command)
@@ -34,13 +36,15 @@ options:
   --json                 machine-readable output
   --profile <file>       credentials file (default: ./data/cli.json)
   --url, --user, --password   broker and operator credential (or EDGEFLEET_URL/_USER/_PASSWORD)
+  --artifacts-url <url>  the fleet's artifact server (or EDGEFLEET_ARTIFACTS_URL; the profile has it)
   --timeout <sec>        how long to wait for the fleet (default 10)
 
 exit codes: 0 ok, 2 usage, 10 broker unreachable, 11 credentials refused, 12 forbidden,
             13 not found, 14 invalid input, 15 timeout, 16 server error, 17 no credentials`;
 
-type Flags = {
+type Flags = ModelFlags & {
   json?: boolean;
+  'artifacts-url'?: string;
   profile?: string;
   url?: string;
   user?: string;
@@ -76,6 +80,18 @@ const EXIT_FOR: Partial<Record<ErrorCode, number>> = {
   EF_OPERATOR_EXISTS: EXIT.CLI_INVALID,
   EF_TIMEOUT: EXIT.CLI_TIMEOUT,
   EF_CONFIG_INVALID: EXIT.CLI_NO_CREDENTIALS,
+  EF_UNKNOWN_MODEL: EXIT.CLI_NOT_FOUND,
+  EF_MODEL_EXISTS: EXIT.CLI_INVALID,
+  EF_MODEL_INVALID: EXIT.CLI_INVALID,
+  EF_MODEL_EXPIRED: EXIT.CLI_INVALID,
+  EF_STATUS_TRANSITION: EXIT.CLI_INVALID,
+  EF_ARTIFACT_MISSING: EXIT.CLI_INVALID,
+  EF_ARTIFACT_MISMATCH: EXIT.CLI_INVALID,
+  EF_ARTIFACT_TOO_LARGE: EXIT.CLI_INVALID,
+  EF_ARTIFACT_REFUSED: EXIT.CLI_INVALID,
+  EF_GOLDEN_MISMATCH: EXIT.CLI_INVALID,
+  EF_RUNTIME_FAILED: EXIT.CLI_INVALID,
+  EF_INFER_INVALID: EXIT.CLI_INVALID,
 };
 
 function out(flags: Flags, data: unknown, human: () => string): void {
@@ -92,9 +108,9 @@ function jsonArg(arg: string): unknown {
   }
 }
 
-async function withClient<T>(flags: Flags, fn: (c: OpsClient) => Promise<T>): Promise<T> {
+async function withClient<T>(flags: Flags, fn: (c: OpsClient) => Promise<T>, defaultTimeoutSec = 10): Promise<T> {
   const profile = resolveProfile(flags);
-  const timeoutSec = flags.timeout === undefined ? 10 : Number(flags.timeout);
+  const timeoutSec = flags.timeout === undefined ? defaultTimeoutSec : Number(flags.timeout);
   if (!Number.isFinite(timeoutSec) || timeoutSec <= 0) throw new UsageError('--timeout takes a positive number of seconds');
   const client = await OpsClient.connect({ ...profile, timeoutMs: timeoutSec * 1000 });
   try {
@@ -112,6 +128,16 @@ function need(arg: string | undefined, what: string): string {
 async function run(cmd: string[], flags: Flags): Promise<void> {
   const [group, verb, a1, a2] = cmd;
   const key = `${group ?? ''} ${verb ?? ''}`.trim();
+  if (group === 'model' || group === 'key') {
+    const ctx: CommandContext = {
+      flags,
+      withClient: (fn, defaultTimeoutSec) => withClient(flags, fn, defaultTimeoutSec),
+      out: (data, human) => out(flags, data, human),
+      usage: (message) => new UsageError(message),
+      profile: () => resolveProfile(flags),
+    };
+    return group === 'model' ? runModelCommand(ctx, cmd.slice(1)) : runKeyCommand(ctx, cmd.slice(1));
+  }
   switch (group === 'audit' || group === 'stats' || group === 'telemetry' ? group : key) {
     case 'devices list':
       return withClient(flags, async (c) => {
@@ -165,7 +191,9 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
       return withClient(flags, async (c) => {
         const deviceId = need(a1, 'device id');
         const r = await c.call('devices.add', { deviceId });
-        const agentConfig = { deviceId, broker: { url: r.credential.brokerUrl, password: r.credential.password } };
+        // Where the device downloads models and which key signs them; absent from a fleet without a registry.
+        const models = await c.call('models.provisioning', {}).catch(() => undefined);
+        const agentConfig = { deviceId, broker: { url: r.credential.brokerUrl, password: r.credential.password }, ...(models ? { models } : {}) };
         if (flags.out) writeFileAtomic(flags.out, JSON.stringify(agentConfig, null, 2) + '\n', 0o600);
         out(flags, flags.out ? { deviceId, configFile: resolve(flags.out) } : { ...r, agentConfig }, () =>
           flags.out
@@ -299,6 +327,21 @@ async function main(argv: string[]): Promise<number> {
         'data-dir': { type: 'string' },
         'run-as': { type: 'string' },
         port: { type: 'string' },
+        'artifacts-url': { type: 'string' },
+        name: { type: 'string' },
+        version: { type: 'string' },
+        runtime: { type: 'string' },
+        entry: { type: 'string' },
+        'golden-inputs': { type: 'string' },
+        'baseline-inputs': { type: 'string' },
+        reference: { type: 'string' },
+        parent: { type: 'string' },
+        expires: { type: 'string' },
+        health: { type: 'string' },
+        signature: { type: 'string' },
+        lineage: { type: 'string' },
+        reason: { type: 'string' },
+        shadow: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });

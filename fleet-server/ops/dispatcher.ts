@@ -33,6 +33,11 @@ const RECENT_REQUESTS = 1000;
 function auditDetail(method: string, params: unknown): unknown {
   if (params === null || typeof params !== 'object') return undefined;
   const { doc: _doc, ...rest } = params as Record<string, unknown>;
+  if (method === 'models.publish') {
+    // The signed manifest is kept in the registry; the audit log keeps what identifies it.
+    const { golden: _g, baseline: _b, inputs: _i, outputs: _o, files, ...draft } = rest;
+    return { ...draft, files: Array.isArray(files) ? files.length : undefined };
+  }
   return method === 'desired.set' && _doc !== undefined ? { ...rest, doc: '(document)' } : rest;
 }
 

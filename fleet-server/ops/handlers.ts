@@ -1,6 +1,9 @@
 import { EdgefleetError, type DeviceDetail, type DeviceSummary, type Role } from '../../proto/index.js';
 import { generateSecret, hashSecret } from '../auth/credentials.js';
 import type { DesiredStateService } from '../sync/desired.js';
+import type { FleetKeyring } from '../registry/keys.js';
+import { createModelHandlers } from '../registry/ops.js';
+import type { Registry } from '../registry/registry.js';
 import type { DeviceRow, FleetStore } from '../store/types.js';
 import type { Handlers } from './dispatcher.js';
 
@@ -14,6 +17,11 @@ export interface HandlerDeps {
   rejected: () => Record<string, number>;
   /** Called after a credential was issued or revoked (regenerates broker files, drops sessions). */
   principalsChanged: (removed?: string) => Promise<void>;
+  /** The model registry and the fleet signing key (models.*, keys.*). */
+  registry: Registry;
+  keys: FleetKeyring;
+  /** The artifact server's URL as devices reach it. */
+  artifactsUrl: () => string;
 }
 
 /** Names no device or operator may take. */
@@ -137,5 +145,7 @@ export function createHandlers(deps: HandlerDeps): Handlers {
         rejected: deps.rejected(),
       };
     },
+
+    ...createModelHandlers({ store, registry: deps.registry, keys: deps.keys, desired, now: deps.now, artifactsUrl: deps.artifactsUrl }),
   };
 }

@@ -71,4 +71,41 @@ export const MIGRATIONS: readonly string[] = [
     reported_at     INTEGER NOT NULL
   );
   `,
+  `
+  -- The model registry. A version is immutable once published: only its status (and when that
+  -- changed) may move, and nothing is deleted; the triggers hold every writer to that.
+  CREATE TABLE model_versions (
+    name            TEXT NOT NULL,
+    version         INTEGER NOT NULL CHECK (version >= 1),
+    status          TEXT NOT NULL CHECK (status IN ('candidate', 'approved', 'production', 'quarantined', 'deprecated')),
+    manifest_json   TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    runtime         TEXT NOT NULL,
+    parent          INTEGER,
+    expires_at      INTEGER,
+    size_bytes      INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    status_at       INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+  ) WITHOUT ROWID;
+  CREATE TABLE model_files (
+    name    TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    path    TEXT NOT NULL,
+    sha256  TEXT NOT NULL,
+    size    INTEGER NOT NULL,
+    PRIMARY KEY (name, version, path),
+    FOREIGN KEY (name, version) REFERENCES model_versions (name, version)
+  ) WITHOUT ROWID;
+  CREATE INDEX model_files_sha256 ON model_files (sha256);
+  CREATE TRIGGER model_versions_immutable
+    BEFORE UPDATE OF name, version, manifest_json, manifest_sha256, runtime, parent, expires_at, size_bytes, created_at ON model_versions
+    BEGIN SELECT RAISE(ABORT, 'model versions are immutable'); END;
+  CREATE TRIGGER model_versions_kept BEFORE DELETE ON model_versions
+    BEGIN SELECT RAISE(ABORT, 'model versions are never deleted'); END;
+  CREATE TRIGGER model_files_immutable BEFORE UPDATE ON model_files
+    BEGIN SELECT RAISE(ABORT, 'model files are immutable'); END;
+  CREATE TRIGGER model_files_kept BEFORE DELETE ON model_files
+    BEGIN SELECT RAISE(ABORT, 'model files are never deleted'); END;
+  `,
 ];

@@ -1,7 +1,19 @@
 import type { Db } from './db.js';
 import { openDb } from './db.js';
-import type { AuditRow, DesiredRow, DeviceRow, FleetStore, Presence, Principal, PrincipalKind, ReportedRow, TelemetryStats } from './types.js';
-import type { RecordClass, Role } from '../../proto/index.js';
+import type {
+  AuditRow,
+  DesiredRow,
+  DeviceRow,
+  FleetStore,
+  ModelVersionRow,
+  ModelVersionSummaryRow,
+  Presence,
+  Principal,
+  PrincipalKind,
+  ReportedRow,
+  TelemetryStats,
+} from './types.js';
+import type { ModelRuntime, ModelStatus, RecordClass, Role } from '../../proto/index.js';
 
 interface PrincipalSql {
   name: string;
@@ -64,6 +76,20 @@ interface AuditSql {
   detail: string | null;
 }
 
+interface ModelVersionSql {
+  name: string;
+  version: number;
+  status: ModelStatus;
+  manifest_json?: string;
+  manifest_sha256: string;
+  runtime: ModelRuntime;
+  parent: number | null;
+  expires_at: number | null;
+  size_bytes: number;
+  created_at: number;
+  status_at: number;
+}
+
 const principal = (r: PrincipalSql): Principal => ({ name: r.name, kind: r.kind, role: r.role, secretHash: r.secret_hash, createdAt: r.created_at });
 const device = (r: DeviceSql): DeviceRow => ({
   id: r.id,
@@ -82,6 +108,21 @@ const desired = (r: DesiredSql): DesiredRow => ({
   publishedVersion: r.published_version,
   updatedAt: r.updated_at,
 });
+const modelSummary = (r: ModelVersionSql): ModelVersionSummaryRow => ({
+  name: r.name,
+  version: r.version,
+  status: r.status,
+  manifestSha256: r.manifest_sha256,
+  runtime: r.runtime,
+  parent: r.parent,
+  expiresAt: r.expires_at,
+  sizeBytes: r.size_bytes,
+  createdAt: r.created_at,
+  statusAt: r.status_at,
+});
+const modelVersion = (r: ModelVersionSql): ModelVersionRow => ({ ...modelSummary(r), manifestJson: r.manifest_json as string });
+
+const MODEL_SUMMARY_COLUMNS = 'name, version, status, manifest_sha256, runtime, parent, expires_at, size_bytes, created_at, status_at';
 
 /** The fleet's state in one SQLite file (better-sqlite3, WAL). */
 export function openSqliteStore(path: string): FleetStore {
@@ -131,6 +172,19 @@ export function openSqliteStore(path: string): FleetStore {
     tPruneCount: db.prepare(
       `DELETE FROM telemetry WHERE device_id = @id AND seq <= (
          SELECT seq FROM telemetry WHERE device_id = @id ORDER BY seq DESC LIMIT 1 OFFSET @keep)`,
+    ),
+    mGet: db.prepare<[string, number], ModelVersionSql>('SELECT * FROM model_versions WHERE name = ? AND version = ?'),
+    mLatest: db.prepare<[string], ModelVersionSql>('SELECT * FROM model_versions WHERE name = ? ORDER BY version DESC LIMIT 1'),
+    mList: db.prepare<[number], ModelVersionSql>(`SELECT ${MODEL_SUMMARY_COLUMNS} FROM model_versions ORDER BY name, version DESC LIMIT ?`),
+    mListName: db.prepare<[string, number], ModelVersionSql>(`SELECT ${MODEL_SUMMARY_COLUMNS} FROM model_versions WHERE name = ? ORDER BY version DESC LIMIT ?`),
+    mInsert: db.prepare(
+      `INSERT INTO model_versions (name, version, status, manifest_json, manifest_sha256, runtime, parent, expires_at, size_bytes, created_at, status_at)
+       VALUES (@name, @version, @status, @manifestJson, @manifestSha256, @runtime, @parent, @expiresAt, @sizeBytes, @createdAt, @statusAt)`,
+    ),
+    mInsertFile: db.prepare('INSERT INTO model_files (name, version, path, sha256, size) VALUES (?, ?, ?, ?, ?)'),
+    mStatus: db.prepare('UPDATE model_versions SET status = ?, status_at = ? WHERE name = ? AND version = ?'),
+    mArtifact: db.prepare<[string], { status: ModelStatus }>(
+      'SELECT DISTINCT v.status AS status FROM model_files f JOIN model_versions v ON v.name = f.name AND v.version = f.version WHERE f.sha256 = ?',
     ),
     aAppend: db.prepare('INSERT INTO audit (ts, actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?, ?)'),
     aList: db.prepare<[number], AuditSql>('SELECT * FROM audit ORDER BY seq DESC LIMIT ?'),
@@ -222,6 +276,24 @@ export function openSqliteStore(path: string): FleetStore {
         grown.clear();
         return n;
       },
+    },
+    models: {
+      get: (name, version) => {
+        const r = q.mGet.get(name, version);
+        return r ? modelVersion(r) : null;
+      },
+      latest: (name) => {
+        const r = q.mLatest.get(name);
+        return r ? modelVersion(r) : null;
+      },
+      list: ({ name, limit }) => (name === undefined ? q.mList.all(limit) : q.mListName.all(name, limit)).map(modelSummary),
+      insert: (row, files) =>
+        db.transaction(() => {
+          q.mInsert.run(row);
+          for (const f of files) q.mInsertFile.run(row.name, row.version, f.path, f.sha256, f.size);
+        })(),
+      setStatus: (name, version, status, at) => void q.mStatus.run(status, at, name, version),
+      artifactStatuses: (sha256) => q.mArtifact.all(sha256).map((r) => r.status),
     },
     audit: {
       append: (e) => Number(q.aAppend.run(e.ts, e.actor, e.action, e.target, e.ok ? 1 : 0, e.detail === undefined ? null : JSON.stringify(e.detail)).lastInsertRowid),

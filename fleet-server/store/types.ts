@@ -1,4 +1,15 @@
-import type { Backlog, DesiredDoc, FactsMessage, JsonPatch, RecordClass, ReportedMessage, Role, TelemetryRecord } from '../../proto/index.js';
+import type {
+  Backlog,
+  DesiredDoc,
+  FactsMessage,
+  JsonPatch,
+  ModelRuntime,
+  ModelStatus,
+  RecordClass,
+  ReportedMessage,
+  Role,
+  TelemetryRecord,
+} from '../../proto/index.js';
 
 /**
  * Repository ports of the fleet's state. SQLite implements them today; they are kept narrow and
@@ -73,6 +84,33 @@ export interface TelemetryStats {
   reportedAt: number;
 }
 
+/** One registry version without its manifest text (what listings read). */
+export interface ModelVersionSummaryRow {
+  name: string;
+  version: number;
+  status: ModelStatus;
+  manifestSha256: string;
+  runtime: ModelRuntime;
+  parent: number | null;
+  expiresAt: number | null;
+  /** Sum of the sizes of its files. */
+  sizeBytes: number;
+  createdAt: number;
+  /** When the status last changed (the creation time until then). */
+  statusAt: number;
+}
+
+export interface ModelVersionRow extends ModelVersionSummaryRow {
+  /** The canonical JSON of the SignedManifest, exactly as served. */
+  manifestJson: string;
+}
+
+export interface ModelFileRow {
+  path: string;
+  sha256: string;
+  size: number;
+}
+
 export interface FleetStore {
   /** Runs `fn` atomically: every write inside commits together or not at all. */
   transaction<T>(fn: () => T): T;
@@ -115,6 +153,18 @@ export interface FleetStore {
      * `keepPerDevice` (checked for the devices that received telemetry since the last call).
      */
     prune(receivedBefore: number, keepPerDevice: number): number;
+  };
+  models: {
+    get(name: string, version: number): ModelVersionRow | null;
+    /** The highest version of `name`, or null when it has none. */
+    latest(name: string): ModelVersionRow | null;
+    /** Newest first within each name; names in order. */
+    list(opts: { name?: string | undefined; limit: number }): ModelVersionSummaryRow[];
+    /** Adds a version and its files; fails (SQLITE_CONSTRAINT_PRIMARYKEY) when (name, version) exists. */
+    insert(row: ModelVersionRow, files: readonly ModelFileRow[]): void;
+    setStatus(name: string, version: number, status: ModelStatus, at: number): void;
+    /** The statuses of every version that names this artifact (empty when none does). */
+    artifactStatuses(sha256: string): ModelStatus[];
   };
   audit: {
     append(e: Omit<AuditRow, 'seq'>): number;

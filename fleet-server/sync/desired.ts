@@ -139,7 +139,11 @@ export class DesiredStateService {
   recordReported(deviceId: string, msg: ReportedMessage): { inSync: boolean } {
     const desired = this.store.desired.get(deviceId);
     if (!desired) return { inSync: false };
-    const drift = jsonpatch.compare({ agent: msg.agent, models: msg.models }, desired.doc) as JsonPatch;
+    // Models compare by the version that serves: a device still on probation, or one that rolled
+    // back a bad version, shows as drift until it serves what desired state names.
+    const served = Object.fromEntries(Object.entries(msg.models).map(([name, r]) => [name, { version: r.active }]));
+    const wanted = Object.fromEntries(Object.entries(desired.doc.models).map(([name, slot]) => [name, { version: slot.version }]));
+    const drift = jsonpatch.compare({ agent: msg.agent, models: served }, { agent: desired.doc.agent, models: wanted }) as JsonPatch;
     this.store.reported.put({ deviceId, desiredVersion: msg.desiredVersion, doc: msg, drift, receivedAt: this.now() });
     const inSync = drift.length === 0 && msg.desiredVersion === desired.version;
     if (!inSync) this.log.debug({ deviceId, drift: drift.length, reportedVersion: msg.desiredVersion, desiredVersion: desired.version }, 'device not in sync');

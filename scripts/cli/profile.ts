@@ -6,16 +6,21 @@ export interface Profile {
   url: string;
   username: string;
   password: string;
+  /** The fleet's artifact server, where `model publish` uploads; absent in profiles of older fleets. */
+  artifactsUrl?: string | undefined;
   source: string;
 }
 
 /**
  * Where the CLI finds its broker and operator credential, first match wins per field:
- * flags (--url, --user, --password), environment (EDGEFLEET_URL, EDGEFLEET_USER,
- * EDGEFLEET_PASSWORD), then a profile file: --profile, EDGEFLEET_PROFILE, or ./data/cli.json (the
+ * flags (--url, --user, --password, --artifacts-url), environment (EDGEFLEET_URL, EDGEFLEET_USER,
+ * EDGEFLEET_PASSWORD, EDGEFLEET_ARTIFACTS_URL), then a profile file: --profile, EDGEFLEET_PROFILE, or ./data/cli.json (the
  * one `npm start` and a default fleet server write).
  */
-export function resolveProfile(flags: { profile?: string | undefined; url?: string | undefined; user?: string | undefined; password?: string | undefined }, env = process.env): Profile {
+export function resolveProfile(
+  flags: { profile?: string | undefined; url?: string | undefined; user?: string | undefined; password?: string | undefined; 'artifacts-url'?: string | undefined },
+  env = process.env,
+): Profile {
   const file = flags.profile ?? env.EDGEFLEET_PROFILE ?? (existsSync('data/cli.json') ? 'data/cli.json' : undefined);
   let fromFile: Partial<Profile> = {};
   if (file !== undefined) {
@@ -34,5 +39,6 @@ export function resolveProfile(flags: { profile?: string | undefined; url?: stri
       'no operator credentials: run from the folder holding data/cli.json, or give --profile <file>, or --url/--user/--password (or EDGEFLEET_URL/EDGEFLEET_USER/EDGEFLEET_PASSWORD)',
     );
   }
-  return { url, username, password, source: file ? resolve(file) : 'flags/environment' };
+  const artifactsUrl = flags['artifacts-url'] ?? env.EDGEFLEET_ARTIFACTS_URL ?? fromFile.artifactsUrl;
+  return { url, username, password, artifactsUrl, source: file ? resolve(file) : 'flags/environment' };
 }

@@ -83,10 +83,11 @@ export async function startFleet(target: BrokerTarget = { kind: 'embedded' }, da
           mosquittoConfigDir: target.mosquittoConfigDir,
           mosquittoReloadCommand: target.mosquittoReloadCommand,
         };
-  const config = ServerConfig.parse({ dataDir, broker });
+  const config = ServerConfig.parse({ dataDir, broker, artifacts: { port: 0 } });
   let server = new FleetServer(config, silentLogger());
   await server.start();
   let port = 0;
+  let artifactsPort = 0;
   const handle: FleetHandle = {
     server,
     dataDir,
@@ -100,8 +101,13 @@ export async function startFleet(target: BrokerTarget = { kind: 'embedded' }, da
     /** Stops and starts the fleet on the same data directory (and, embedded, the same port). */
     async restart() {
       port = target.kind === 'embedded' ? Number(new URL(handle.server.brokerUrl).port) : 0;
+      artifactsPort = Number(new URL(handle.server.artifactsUrl).port);
       await handle.stop();
-      const again = ServerConfig.parse({ dataDir, broker: { ...broker, ...(target.kind === 'embedded' ? { port } : { username: config.broker.username }) } });
+      const again = ServerConfig.parse({
+        dataDir,
+        broker: { ...broker, ...(target.kind === 'embedded' ? { port } : { username: config.broker.username }) },
+        artifacts: { port: artifactsPort },
+      });
       server = new FleetServer(again, silentLogger());
       await server.start();
       handle.server = server;
@@ -140,7 +146,7 @@ export async function addDevice(fleet: FleetHandle, deviceId: string): Promise<C
 
 export async function startAgent(
   cred: Credential,
-  opts: { stateDir?: string; protocolVersion?: 4 | 5; url?: string; outbox?: Record<string, unknown> } = {},
+  opts: { stateDir?: string; protocolVersion?: 4 | 5; url?: string; outbox?: Record<string, unknown>; models?: Record<string, unknown>; api?: Record<string, unknown> } = {},
 ): Promise<{ agent: Agent; stateDir: string }> {
   const stateDir = opts.stateDir ?? tempDir('edgefleet-agent-');
   const config = AgentConfig.parse({
@@ -155,6 +161,9 @@ export async function startAgent(
     },
     runtimes: { probe: false },
     ...(opts.outbox ? { outbox: opts.outbox } : {}),
+    ...(opts.models ? { models: opts.models } : {}),
+    // Any free port: suites run side by side.
+    api: { port: 0, ...opts.api },
   });
   const agent = new Agent(config, silentLogger());
   await agent.start();

@@ -45,7 +45,8 @@ function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
     if (k.startsWith('EDGEFLEET_') || ['NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID', 'STATE_DIRECTORY', 'CREDENTIALS_DIRECTORY'].includes(k)) continue;
     env[k] = v;
   }
-  return { ...env, ...extra };
+  // Ports the tests do not look at: any free one, so suites running side by side never collide.
+  return { ...env, EDGEFLEET_SERVER_ARTIFACTS_PORT: '0', EDGEFLEET_AGENT_API_PORT: '0', ...extra };
 }
 
 function spawnNode(script: string, args: string[], opts: { cwd: string; env?: Record<string, string> }): Proc {
