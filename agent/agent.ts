@@ -27,6 +27,9 @@ import { DesiredStore } from './state/desired.js';
 import { SessionCounter } from './state/session-counter.js';
 import { OutboxStore } from './outbox/store.js';
 import { DEFAULT_REPLAY, Replayer } from './outbox/replay.js';
+import { ModelManager } from './models/manager.js';
+import { FeedbackStore } from './api/feedback.js';
+import { startInferenceServer, type InferenceServer } from './api/http.js';
 
 /**
  * The device daemon. `start` brings up state, then runtimes, then the link, then the loops; `stop`
@@ -45,6 +48,10 @@ export class Agent {
   private replayer: Replayer | null = null;
   private droppedReported: Record<RecordClass, number> | null = null;
   private applied: AgentSettings | null = null;
+  private modelManager: ModelManager | null = null;
+  private feedbackStore: FeedbackStore | null = null;
+  private api: InferenceServer | null = null;
+  private reportSoon: NodeJS.Timeout | null = null;
   private readonly rejects: RejectCounter;
   private readonly inflight = new Set<Promise<unknown>>();
   private readonly listeners = new Set<(version: number) => void>();
@@ -76,6 +83,17 @@ export class Agent {
   get outbox(): OutboxStore {
     if (!this.outboxStore) throw new Error('agent not started');
     return this.outboxStore;
+  }
+
+  /** The model manager: the in-process inference API (a ModelHost) and the slots' state. */
+  get models(): ModelManager {
+    if (!this.modelManager) throw new Error('agent not started');
+    return this.modelManager;
+  }
+
+  /** Where the inference API listens, once started. */
+  get apiAddress(): { url?: string; socketPath?: string } | null {
+    return this.api ? { url: this.api.url, socketPath: this.api.socketPath } : null;
   }
 
   get replayStats(): Replayer['stats'] | null {
@@ -117,6 +135,7 @@ export class Agent {
 
     const password = cfg.broker.password ?? readFileSync(cfg.broker.passwordFile as string, 'utf8').trim();
     const id = cfg.deviceId;
+    await this.startModels(password);
     const counter = this.sessionCounter;
     const session = new MqttSession(
       {
@@ -159,7 +178,18 @@ export class Agent {
 
   async stop(): Promise<void> {
     for (const t of [this.reportTimer, this.factsTimer, this.housekeepingTimer, this.metricsTimer]) if (t) clearInterval(t);
-    this.reportTimer = this.factsTimer = this.housekeepingTimer = this.metricsTimer = null;
+    if (this.reportSoon) clearTimeout(this.reportSoon);
+    this.reportTimer = this.factsTimer = this.housekeepingTimer = this.metricsTimer = this.reportSoon = null;
+    try {
+      await this.api?.close();
+    } catch (err) {
+      this.log.warn({ err }, 'error while closing the inference API');
+    }
+    this.api = null;
+    await this.modelManager?.stop();
+    this.modelManager = null;
+    this.feedbackStore?.close();
+    this.feedbackStore = null;
     if (!(await settleWithin(this.inflight, 2000))) this.log.warn({ tasks: this.inflight.size }, 'stopping with tasks still waiting on the broker');
     this.replayer?.close();
     this.replayer = null;
@@ -205,7 +235,7 @@ export class Agent {
   private async publishReported(): Promise<void> {
     const session = this.session;
     if (!session?.connected || !this.desired || !this.applied) return;
-    const msg: ReportedMessage = { ts: Date.now(), desiredVersion: this.desired.version, agent: this.applied, models: {} };
+    const msg: ReportedMessage = { ts: Date.now(), desiredVersion: this.desired.version, agent: this.applied, models: this.modelManager?.report() ?? {} };
     await session.publish(topics.up(this.config.deviceId, 'reported'), encodeJson(msg), { qos: 1 });
   }
 
@@ -289,10 +319,56 @@ export class Agent {
       case 'applied':
         this.log.info({ version: result.version }, 'desired state applied');
         this.applySettings(this.desired.doc.agent);
+        this.modelManager?.reconcile(this.desired.doc.models);
         this.track(this.report('event', 'desired.applied', { version: result.version }));
         for (const fn of this.listeners) fn(result.version);
         this.track(this.publishReported());
     }
+  }
+
+  /**
+   * Models come up before the link: every stored version is verified before anything serves, then
+   * the inference API opens and the slots move toward the desired state already on disk.
+   */
+  private async startModels(password: string): Promise<void> {
+    const cfg = this.config;
+    const m = cfg.models;
+    const keys = [...m.trustedKeys];
+    if (m.trustedKeysFile) keys.push(...readFileSync(m.trustedKeysFile, 'utf8').split(/\s+/).filter((k) => k.length > 0));
+    const feedback = FeedbackStore.open(cfg.stateDir, { recentPerModel: cfg.feedback.recentRequests, maxLabelsPerModel: cfg.feedback.maxLabelsPerModel });
+    this.feedbackStore = feedback;
+    const manager = new ModelManager({
+      stateDir: cfg.stateDir,
+      trustedKeys: keys,
+      fetch: m.artifactsUrl ? { baseUrl: m.artifactsUrl.replace(/\/+$/, ''), username: cfg.broker.username ?? cfg.deviceId, password } : null,
+      keepStable: m.keepStable,
+      maxAttempts: m.maxAttempts,
+      childCheckTimeoutMs: m.childCheckTimeoutSec * 1000,
+      checkIntervalMs: m.checkIntervalMs,
+      report: (cls, type, body) => this.track(this.report(cls, type, body)),
+      onChange: () => this.reportedSoon(),
+      log: this.log.child({ component: 'models' }),
+      feedback,
+    });
+    this.modelManager = manager;
+    await manager.start();
+    if (cfg.api.enabled) {
+      this.api = await startInferenceServer(manager, { host: cfg.api.host, port: cfg.api.port, socketPath: cfg.api.socketPath, maxBodyBytes: cfg.api.maxBodyBytes, log: this.log.child({ component: 'api' }) });
+      this.log.info({ url: this.api.url, socketPath: this.api.socketPath }, 'inference API listening');
+    }
+    // Version 0: the fleet has not spoken yet, so there is nothing to reconcile toward (and an empty
+    // set of models must not be read as "remove every model").
+    if (this.desired && this.desired.version > 0) manager.reconcile(this.desired.doc.models);
+  }
+
+  /** Model state changes come in bursts (a transition, then the next): one report after them. */
+  private reportedSoon(): void {
+    if (this.reportSoon) return;
+    this.reportSoon = setTimeout(() => {
+      this.reportSoon = null;
+      this.track(this.publishReported());
+    }, 100);
+    this.reportSoon.unref();
   }
 
   /** Applies the remotely tunable settings in place: log level and the report and facts timers. */

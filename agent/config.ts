@@ -67,6 +67,32 @@ export const AgentConfig = z
         dropReportIntervalSec: z.number().int().min(1).default(60).describe('at most one `outbox.dropped` event per this many seconds'),
       })
       .prefault({}),
+    models: z
+      .object({
+        artifactsUrl: z.string().regex(/^https?:\/\//, 'an http:// or https:// URL').optional().describe('the fleet’s artifact server (e.g. http://fleet.example:8780); without it no model is downloaded'),
+        trustedKeys: z.array(z.string().regex(/^[A-Za-z0-9+/]{43}=$/, 'a raw Ed25519 public key, base64')).default([]).describe('fleet public keys (base64, as in fleet-key.pub) that may sign models'),
+        trustedKeysFile: z.string().optional().describe('file with one fleet public key per line (the fleet’s fleet-key.pub)'),
+        keepStable: z.number().int().min(1).max(20).default(3).describe('stable versions kept per model for local rollback'),
+        maxAttempts: z.number().int().min(1).max(20).default(3).describe('attempts at a candidate version (downloads, crashes mid-lifecycle) before it is marked failed'),
+        childCheckTimeoutSec: z.number().min(1).default(120).describe('longest a candidate may take to load and run its golden vectors in the child process'),
+        checkIntervalMs: z.number().int().min(10).default(1000).describe('milliseconds between health checks while a version is on probation'),
+      })
+      .prefault({}),
+    api: z
+      .object({
+        enabled: z.boolean().default(true).describe('serve the KServe v2 inference API'),
+        host: z.string().default('127.0.0.1').describe('address the inference API listens on'),
+        port: z.number().int().min(0).max(65_535).default(8700).describe('port of the inference API (0: any free port)'),
+        socketPath: z.string().optional().describe('serve the inference API on this unix socket instead of TCP'),
+        maxBodyBytes: z.number().int().min(1024).default(16 * 1024 * 1024).describe('largest inference request body'),
+      })
+      .prefault({}),
+    feedback: z
+      .object({
+        recentRequests: z.number().int().min(1).default(10_000).describe('request ids remembered per model for feedback'),
+        maxLabelsPerModel: z.number().int().min(1).default(10_000).describe('labels kept per model (oldest dropped)'),
+      })
+      .prefault({}),
     shutdownTimeoutSec: z.number().min(1).default(10).describe('longest a graceful stop may take before the agent exits anyway'),
   })
   .strict()

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { AgentSettings } from './desired.js';
+import { ModelName, ModelSlotReport } from './model.js';
 
 /** `up/status`, retained. Also the Last Will (`offline`), so `ts` is optional. */
 export const StatusMessage = z
@@ -60,7 +61,8 @@ export const ReportedMessage = z
     /** The desired-state version this report reflects; 0 before the first desired state arrived. */
     desiredVersion: z.number().int().nonnegative(),
     agent: AgentSettings,
-    models: z.record(z.string(), z.record(z.string(), z.unknown())),
+    /** Per model slot: what serves, the stable history, failures, the pinned fallback, the last verdict. */
+    models: z.record(ModelName, ModelSlotReport),
   })
   .strict();
 export type ReportedMessage = z.infer<typeof ReportedMessage>;

@@ -50,7 +50,7 @@ const patch = (from: number, ops: unknown[], digest: string): DesiredMessage => 
 
 const D0 = defaultDesiredDoc();
 const D60 = doc({ agent: { reportIntervalSec: 60 } });
-const DM = doc({ models: { m1: { url: 'https://models.example/m1.onnx', sha256: 'ab' } } });
+const DM = doc({ models: { m1: { version: 3, manifestSha256: 'ab'.repeat(32) } } });
 const WRONG = 'f'.repeat(64);
 
 interface Rule {
@@ -77,7 +77,7 @@ const RULES: Rule[] = [
   {
     name: 'a patch that adds a model slot applies',
     before: [full(3, D0)],
-    msg: patch(3, [{ op: 'add', path: '/models/m1', value: { url: 'https://models.example/m1.onnx', sha256: 'ab' } }], desiredDigest(DM)),
+    msg: patch(3, [{ op: 'add', path: '/models/m1', value: { version: 3, manifestSha256: 'ab'.repeat(32) } }], desiredDigest(DM)),
     expect: 'applied',
     version: 4,
     doc: DM,
@@ -300,7 +300,11 @@ const docArb = fc
       },
       { requiredKeys: [] },
     ),
-    models: fc.dictionary(fc.constantFrom('m1', 'm2', 'vision'), fc.dictionary(slotKey, fc.jsonValue({ maxDepth: 2 }), { maxKeys: 3 }), { maxKeys: 2 }),
+    models: fc.dictionary(
+      fc.constantFrom('m1', 'm2', 'vision'),
+      fc.record({ version: fc.integer({ min: 1, max: 1000 }), shadow: fc.record({ requests: fc.integer({ min: 1, max: 100 }) }) }, { requiredKeys: ['version'] }),
+      { maxKeys: 2 },
+    ),
   })
   .map((d) => DesiredDoc.parse(d));
 
@@ -316,7 +320,8 @@ const pathArb = fc.oneof(
     '/models',
     '/models/-',
     '/models/m1',
-    '/models/m2/url',
+    '/models/m2/version',
+    '/models/m1/shadow/requests',
     '/models/m1/x/0',
     '/__proto__',
     '/models/__proto__',

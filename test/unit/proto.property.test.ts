@@ -67,9 +67,25 @@ const settingsArb = fc.record({
   factsIntervalSec: fc.integer({ min: 60, max: 7 * 86_400 }),
 });
 
+const modelVersion = fc.integer({ min: 1, max: 2 ** 31 - 1 });
+const slotArb = fc.record(
+  { version: modelVersion, manifestSha256: hex64, shadow: fc.record({ requests: fc.integer({ min: 1, max: 100_000 }) }) },
+  { requiredKeys: ['version'] },
+);
+const slotReportArb = fc.record({
+  state: text(32),
+  active: fc.option(modelVersion),
+  activeSha256: fc.option(hex64),
+  desired: fc.option(modelVersion),
+  history: fc.array(modelVersion, { maxLength: 5 }),
+  failed: fc.array(modelVersion, { maxLength: 5 }),
+  fallback: fc.option(modelVersion),
+  lastVerdict: fc.option(fc.dictionary(key, json, { maxKeys: 3 })),
+});
+
 const docArb = fc.record({
   agent: settingsArb,
-  models: fc.dictionary(validId, fc.dictionary(key, json, { maxKeys: 3 }), { maxKeys: 3 }),
+  models: fc.dictionary(validId, slotArb, { maxKeys: 3 }),
 });
 
 const pointer = fc.oneof(fc.constant(''), fc.string({ maxLength: 12 }).map((s) => `/${s}`));
@@ -106,7 +122,7 @@ const validMessages = {
     ts: safeNat,
     desiredVersion: safeNat,
     agent: settingsArb,
-    models: fc.dictionary(key, fc.dictionary(key, json, { maxKeys: 3 }), { maxKeys: 3 }),
+    models: fc.dictionary(validId, slotReportArb, { maxKeys: 3 }),
   }),
   resync: fc.record({
     have: safeNat,
@@ -196,11 +212,14 @@ function deepText(depth: number, style: 'array' | 'object' | 'mixed', leaf = '0'
 
 const depthArb = fc.oneof(fc.integer({ min: 1, max: 3 * MAX_JSON_DEPTH }), fc.constantFrom(MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 5_000, 50_000));
 const styleArb = fc.constantFrom('array' as const, 'object' as const, 'mixed' as const);
-/** Deep JSON on its own, and inside the one free-form field of a request (params) and of a desired document (a model slot). */
+/** Deep JSON on its own, and inside the free-form fields of a request (params) and of a report (a model verdict). */
 const deepArb = fc.oneof(
   fc.tuple(depthArb, styleArb).map(([d, st]) => deepText(d, st)),
   fc.tuple(depthArb, styleArb).map(([d, st]) => `{"id":"r1","method":"devices.list","params":${deepText(d, st)}}`),
-  fc.tuple(depthArb, styleArb).map(([d, st]) => `{"kind":"full","version":2,"digest":"${'0'.repeat(64)}","doc":{"models":{"m1":{"x":${deepText(d, st)}}}}}`),
+  fc.tuple(depthArb, styleArb).map(
+    ([d, st]) =>
+      `{"ts":1,"desiredVersion":1,"agent":{"logLevel":"info","reportIntervalSec":300,"factsIntervalSec":3600},"models":{"m1":{"state":"idle","active":1,"activeSha256":null,"desired":1,"history":[1],"failed":[],"fallback":1,"lastVerdict":{"x":${deepText(d, st)}}}}}`,
+  ),
 );
 
 /** Levels of arrays and objects in a parsed value, without recursion (the value may be very deep). */

@@ -1,0 +1,85 @@
+import { z } from 'zod';
+import { ModelVersion } from '../../proto/index.js';
+
+/**
+ * The lifecycle of one model slot: every state, every allowed transition, and what a restart does
+ * in each state. The manager persists the new state before it starts the step's work, so after a
+ * crash the file says which step was interrupted.
+ *
+ *   idle ─▶ downloading ─▶ verifying ─▶ staging ─┬─▶ shadow ─┐
+ *                 │             │           │    └───────────┴─▶ activating ─▶ probation ─▶ committing ─▶ idle
+ *                 └─────────────┴───────────┴──────▶ failed ─▶ idle         │            │
+ *                                                                            └────────────┴─▶ rolling_back ─▶ idle
+ *
+ * `idle` also follows any pre-activation state when desired state moves on (the candidate is
+ * abandoned, not failed).
+ */
+export const SLOT_STATES = ['idle', 'downloading', 'verifying', 'staging', 'shadow', 'activating', 'probation', 'committing', 'rolling_back', 'failed'] as const;
+export type SlotStateName = (typeof SLOT_STATES)[number];
+
+export const TRANSITIONS: Record<SlotStateName, readonly SlotStateName[]> = {
+  idle: ['downloading', 'activating'],
+  downloading: ['verifying', 'failed', 'idle'],
+  verifying: ['staging', 'failed', 'idle'],
+  staging: ['shadow', 'activating', 'failed', 'idle'],
+  shadow: ['activating', 'failed', 'idle'],
+  activating: ['probation', 'rolling_back'],
+  probation: ['committing', 'rolling_back'],
+  committing: ['idle'],
+  rolling_back: ['idle'],
+  failed: ['idle'],
+};
+
+/**
+ * What a restart does, by the state the file was left in. Before activation the stable version
+ * never stopped serving, so the candidate is simply tried again; from activation on, the device
+ * goes back to its last stable version first (conservative), then tries again. Either way the
+ * attempt counter rises, and past `maxAttempts` the candidate is marked failed: a version that
+ * crashes the agent cannot loop forever.
+ */
+export const ON_RESTART: Record<SlotStateName, 'nothing' | 'retry' | 'roll-back' | 'finish-commit' | 'finish-rollback' | 'finish-fail'> = {
+  idle: 'nothing',
+  downloading: 'retry',
+  verifying: 'retry',
+  staging: 'retry',
+  shadow: 'retry',
+  activating: 'roll-back',
+  probation: 'roll-back',
+  committing: 'finish-commit',
+  rolling_back: 'finish-rollback',
+  failed: 'finish-fail',
+};
+
+export function canTransition(from: SlotStateName, to: SlotStateName): boolean {
+  return TRANSITIONS[from].includes(to);
+}
+
+export const FailedEntry = z.object({ version: ModelVersion, reason: z.string().max(64), at: z.number() });
+export type FailedEntry = z.infer<typeof FailedEntry>;
+
+/** The persisted state of a slot: `<stateDir>/models/slots/<name>.json`. */
+export const SlotState = z.object({
+  name: z.string(),
+  state: z.enum(SLOT_STATES),
+  /** Committed versions, newest first; `stable[0]` is what serves when nothing is on probation. */
+  stable: z.array(ModelVersion),
+  /** The version answering requests: `stable[0]`, or the candidate while on probation. */
+  serving: ModelVersion.nullable(),
+  candidate: ModelVersion.nullable(),
+  /** Attempts at the current candidate; reset when it commits or fails. */
+  attempts: z.number().int().min(0),
+  failed: z.array(FailedEntry),
+  /** Never collected; served when neither the active version nor any stable one verifies. */
+  fallback: ModelVersion.nullable(),
+  /** Versions below the floor are refused unless they are in `stable` (a local rollback). */
+  floor: z.number().int().min(0),
+  /** Total transitions taken, for reports and crash-loop diagnosis. */
+  transitions: z.number().int().min(0),
+  lastVerdict: z.record(z.string(), z.unknown()).nullable(),
+  updatedAt: z.number(),
+});
+export type SlotState = z.infer<typeof SlotState>;
+
+export function newSlotState(name: string): SlotState {
+  return { name, state: 'idle', stable: [], serving: null, candidate: null, attempts: 0, failed: [], fallback: null, floor: 0, transitions: 0, lastVerdict: null, updatedAt: Date.now() };
+}

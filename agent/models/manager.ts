@@ -1,0 +1,656 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { randomBytes } from 'node:crypto';
+import {
+  EdgefleetError,
+  isEdgefleetError,
+  manifestSha256,
+  modelRef,
+  verifySignedManifest,
+  type Manifest,
+  type ModelSlot,
+  type ModelSlotReport,
+  type RecordClass,
+  type SignedManifest,
+} from '../../proto/index.js';
+import type { Logger } from '../../common/log.js';
+import { writeFileAtomic } from '../../common/files.js';
+import { loadModel, runGolden } from '../runtime/load.js';
+import { checkInChild } from '../runtime/child-check.js';
+import { validateInputs } from '../runtime/tensor.js';
+import type { LoadedModel, TensorMap } from '../runtime/types.js';
+import type { InferResult, ModelHost } from './host.js';
+import { fetchFile, fetchManifest, type FetchAuth, type FetchStats } from './fetch.js';
+import { judge, VersionStats, type Verdict } from './health.js';
+import { canTransition, ON_RESTART, SlotState, newSlotState, type SlotStateName } from './lifecycle.js';
+import { ModelStore } from './store.js';
+
+export interface ModelManagerOptions {
+  stateDir: string;
+  /** Raw Ed25519 fleet public keys (base64) this device trusts. */
+  trustedKeys: string[];
+  fetch: FetchAuth | null;
+  keepStable: number;
+  maxAttempts: number;
+  childCheckTimeoutMs: number;
+  /** Seconds between health checks while on probation. */
+  checkIntervalMs: number;
+  report: (cls: RecordClass, type: string, body: unknown) => void;
+  onChange: () => void;
+  log: Logger;
+  feedback?: { record(requestId: string, model: string, version: number): void; label(model: string, requestId: string, label: unknown): boolean };
+}
+
+interface Running {
+  version: number;
+  signed: SignedManifest;
+  model: LoadedModel;
+  stats: VersionStats;
+}
+
+interface Slot {
+  state: SlotState;
+  desired: ModelSlot | null;
+  serving: Running | null;
+  /** While on probation: the previous stable version, loaded and warm, for an instant rollback. */
+  previous: Running | null;
+  /** The last stable version's record on this device, kept after it is unloaded, for the latency comparison. */
+  previousStats: VersionStats | null;
+  shadow: { run: Running; left: number; agree: number; total: number; done: (v: Verdict | null) => void } | null;
+  probationStartedAt: number;
+  busy: Promise<void> | null;
+  again: boolean;
+  abort: AbortController | null;
+  watchStats: VersionStats | null;
+}
+
+/**
+ * Owns every model slot on the device: reconciles toward desired state through the lifecycle in
+ * lifecycle.ts, serves inference (it is the ModelHost), watches health, rolls back locally.
+ */
+export class ModelManager implements ModelHost {
+  private readonly store: ModelStore;
+  private readonly slots = new Map<string, Slot>();
+  private readonly trusted: string[];
+  private readonly keysFile: string;
+  private readonly prefix = randomBytes(4).toString('hex');
+  private counter = 0;
+  private checkTimer: NodeJS.Timeout | null = null;
+  private verified = false;
+  private closed = false;
+  readonly fetchStats: FetchStats = { bytesDownloaded: 0, bytesResumed: 0, filesReused: 0 };
+
+  constructor(private readonly opts: ModelManagerOptions) {
+    this.store = new ModelStore(opts.stateDir);
+    this.keysFile = join(this.store.root, 'trusted-keys.json');
+    const learned = existsSync(this.keysFile) ? (JSON.parse(readFileSync(this.keysFile, 'utf8')) as string[]) : [];
+    this.trusted = [...new Set([...opts.trustedKeys, ...learned])];
+  }
+
+  /** Restores every slot from disk, finishes or undoes interrupted steps, verifies and loads what serves. */
+  async start(): Promise<void> {
+    for (const name of this.store.slotNames()) {
+      const state = this.store.loadSlot(name, SlotState) ?? newSlotState(name);
+      const slot = this.newSlot(state);
+      this.slots.set(name, slot);
+      this.recover(slot);
+      await this.serveVerified(slot);
+    }
+    this.verified = true;
+    this.checkTimer = setInterval(() => this.periodic(), this.opts.checkIntervalMs);
+    this.checkTimer.unref();
+    this.opts.onChange();
+  }
+
+  async stop(): Promise<void> {
+    this.closed = true;
+    if (this.checkTimer) clearInterval(this.checkTimer);
+    for (const slot of this.slots.values()) slot.abort?.abort();
+    await Promise.allSettled([...this.slots.values()].map((s) => s.busy ?? Promise.resolve()));
+    for (const slot of this.slots.values()) {
+      for (const r of [slot.serving, slot.previous, slot.shadow?.run]) if (r) await r.model.dispose().catch(() => undefined);
+      slot.serving = slot.previous = null;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // ModelHost
+
+  models(): string[] {
+    return [...this.slots.keys()];
+  }
+
+  active(name: string): Manifest | null {
+    return this.slots.get(name)?.serving?.signed.manifest ?? null;
+  }
+
+  ready(): boolean {
+    if (!this.verified) return false;
+    for (const slot of this.slots.values()) if (!slot.serving) return false;
+    return true;
+  }
+
+  async infer(name: string, inputs: TensorMap, opts?: { requestId?: string; version?: number }): Promise<InferResult> {
+    const slot = this.slots.get(name);
+    if (!slot) throw new EdgefleetError('EF_UNKNOWN_MODEL', `no model named ${name} on this device`);
+    let run = slot.serving;
+    if (opts?.version !== undefined && run?.version !== opts.version) {
+      run = slot.previous?.version === opts.version ? slot.previous : null;
+      if (!run) throw new EdgefleetError('EF_UNKNOWN_MODEL', `${modelRef(name, opts.version)} is not loaded`);
+    }
+    if (!run) throw new EdgefleetError('EF_MODEL_NOT_READY', `no verified version of ${name} is serving`);
+    validateInputs(run.signed.manifest.inputs, inputs);
+    const requestId = opts?.requestId ?? `${this.prefix}-${(++this.counter).toString(36)}`;
+    const t0 = performance.now();
+    let outputs: TensorMap;
+    try {
+      outputs = await run.model.run(inputs);
+    } catch (err) {
+      run.stats.error();
+      slot.watchStats?.error();
+      this.afterRequest(slot, run);
+      throw new EdgefleetError('EF_RUNTIME_FAILED', `${modelRef(name, run.version)}: ${(err as Error).message}`, { cause: err });
+    }
+    const ms = performance.now() - t0;
+    run.stats.observe(ms, outputs);
+    slot.watchStats?.observe(ms, outputs);
+    if (slot.shadow && run === slot.serving) this.shadowRun(slot, inputs, outputs);
+    this.afterRequest(slot, run);
+    this.opts.feedback?.record(requestId, name, run.version);
+    return { requestId, model: name, version: run.version, outputs };
+  }
+
+  feedback(name: string, requestId: string, label: unknown): boolean {
+    return this.opts.feedback?.label(name, requestId, label) ?? false;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Desired state
+
+  /** Points every slot at what desired state names; slots no longer named stop serving. */
+  reconcile(models: Record<string, ModelSlot>): void {
+    if (this.closed) return;
+    for (const [name, desired] of Object.entries(models)) {
+      let slot = this.slots.get(name);
+      if (!slot) {
+        slot = this.newSlot(newSlotState(name));
+        this.slots.set(name, slot);
+        this.persist(slot);
+      }
+      const changed = slot.desired?.version !== desired.version;
+      slot.desired = desired;
+      if (changed) slot.abort?.abort();
+      this.kick(slot);
+    }
+    for (const name of [...this.slots.keys()]) if (!(name in models)) this.track(this.remove(name));
+    this.opts.onChange();
+  }
+
+  /**
+   * A model no longer in desired state stops serving and its files go; its slot file is removed
+   * last, so a crash part-way leaves a slot that the next reconcile removes again.
+   */
+  private async remove(name: string): Promise<void> {
+    const slot = this.slots.get(name);
+    if (!slot) return;
+    this.slots.delete(name);
+    slot.desired = null;
+    slot.abort?.abort();
+    slot.shadow?.done(null);
+    await slot.busy;
+    for (const r of [slot.serving, slot.previous]) if (r) await r.model.dispose().catch(() => undefined);
+    slot.serving = slot.previous = null;
+    this.store.collect(name, new Set());
+    this.store.removeSlot(name);
+    this.opts.log.info({ model: name }, 'model removed from desired state; no longer served');
+    this.opts.report('event', 'model.removed', { model: name });
+    this.opts.onChange();
+  }
+
+  private track(p: Promise<unknown>): void {
+    p.catch((err: unknown) => this.opts.log.error({ err }, 'model task failed'));
+  }
+
+  report(): Record<string, ModelSlotReport> {
+    const out: Record<string, ModelSlotReport> = {};
+    for (const [name, slot] of this.slots) {
+      const s = slot.state;
+      out[name] = {
+        state: s.state,
+        active: slot.serving?.version ?? null,
+        activeSha256: slot.serving ? manifestSha256(slot.serving.signed) : null,
+        desired: slot.desired?.version ?? null,
+        history: s.stable,
+        failed: s.failed.map((f) => f.version),
+        fallback: s.fallback,
+        lastVerdict: s.lastVerdict,
+      };
+    }
+    return out;
+  }
+
+  /** For tests and the benchmark: the slot's persisted state. */
+  slotState(name: string): SlotState | null {
+    return this.slots.get(name)?.state ?? null;
+  }
+
+  /** Rolls back to the previous stable version at once; warm while it is still loaded. Returns the milliseconds the switch took. */
+  async rollbackNow(name: string, reason: string): Promise<number> {
+    const slot = this.slots.get(name);
+    if (!slot) throw new EdgefleetError('EF_UNKNOWN_MODEL', `no model named ${name} on this device`);
+    const t0 = performance.now();
+    await this.rollBack(slot, { ok: false, failures: [], figures: null }, reason);
+    return performance.now() - t0;
+  }
+
+  private newSlot(state: SlotState): Slot {
+    return { state, desired: null, serving: null, previous: null, previousStats: null, shadow: null, probationStartedAt: 0, busy: null, again: false, abort: null, watchStats: null };
+  }
+
+  private transition(slot: Slot, to: SlotStateName, patch: Partial<SlotState> = {}, why?: Record<string, unknown>): void {
+    const from = slot.state.state;
+    if (from !== to && !canTransition(from, to)) throw new Error(`slot ${slot.state.name}: no transition ${from} → ${to}`);
+    slot.state = { ...slot.state, ...patch, state: to, transitions: slot.state.transitions + 1, updatedAt: Date.now() };
+    this.persist(slot);
+    this.opts.log.info({ model: slot.state.name, from, to, candidate: slot.state.candidate, ...why }, `model ${slot.state.name}: ${from} → ${to}`);
+    this.opts.report('event', 'model.transition', { model: slot.state.name, from, to, candidate: slot.state.candidate, serving: slot.state.serving, ...why });
+    this.opts.onChange();
+  }
+
+  private persist(slot: Slot): void {
+    this.store.saveSlot(slot.state.name, slot.state);
+  }
+
+  /** Applies ON_RESTART to a slot read from disk (synchronously: nothing is loaded yet). */
+  private recover(slot: Slot): void {
+    const s = slot.state;
+    const action = ON_RESTART[s.state];
+    if (action === 'nothing') return;
+    this.opts.log.warn({ model: s.name, state: s.state, candidate: s.candidate, action }, 'resuming a model slot interrupted by a restart');
+    this.opts.report('event', 'model.recovered', { model: s.name, state: s.state, candidate: s.candidate, action });
+    const cand = s.candidate;
+    const stableServing = s.stable[0] ?? null;
+    switch (action) {
+      case 'retry':
+      case 'roll-back': {
+        const attempts = s.attempts + 1;
+        const exhausted = attempts >= this.opts.maxAttempts;
+        const failed = exhausted && cand !== null ? [...s.failed, { version: cand, reason: 'crash-loop', at: Date.now() }] : s.failed;
+        slot.state = { ...s, state: 'idle', serving: stableServing, candidate: exhausted ? null : cand, attempts: exhausted ? 0 : attempts, failed: failed.slice(-64), updatedAt: Date.now() };
+        break;
+      }
+      case 'finish-commit':
+        slot.state = this.committed(s);
+        break;
+      case 'finish-rollback':
+      case 'finish-fail':
+        slot.state = { ...s, state: 'idle', serving: stableServing, candidate: null, attempts: 0, failed: cand !== null && !s.failed.some((f) => f.version === cand) ? [...s.failed, { version: cand, reason: 'interrupted', at: Date.now() }] : s.failed };
+        break;
+    }
+    this.persist(slot);
+  }
+
+  private committed(s: SlotState): SlotState {
+    const v = s.candidate ?? s.serving;
+    if (v === null) return { ...s, state: 'idle' };
+    const stable = [v, ...s.stable.filter((x) => x !== v)].slice(0, this.opts.keepStable);
+    return { ...s, state: 'idle', stable, serving: v, candidate: null, attempts: 0, floor: Math.max(s.floor, v), fallback: s.fallback ?? v, updatedAt: Date.now() };
+  }
+
+  /**
+   * Loads what should serve, verifying it first: the serving version, else the newest stable
+   * version that verifies, else the pinned fallback. Reports when it had to fall back.
+   */
+  private async serveVerified(slot: Slot): Promise<void> {
+    const s = slot.state;
+    const order = [...new Set([s.serving, ...s.stable, s.fallback].filter((v): v is number => v !== null))];
+    for (const v of order) {
+      try {
+        const run = await this.loadVerified(s.name, v);
+        slot.serving = run;
+        if (v !== s.serving) {
+          this.opts.log.error({ model: s.name, wanted: s.serving, serving: v }, 'the active model version did not verify; serving an older stable one');
+          this.opts.report('event', 'model.fallback', { model: s.name, wanted: s.serving, serving: v });
+          slot.state = { ...s, serving: v, stable: s.stable.filter((x) => x === v || order.indexOf(x) > order.indexOf(v)) };
+          this.persist(slot);
+        }
+        return;
+      } catch (err) {
+        this.opts.log.error({ model: s.name, version: v, err }, 'model version failed verification at start-up');
+        this.opts.report('event', 'model.unverified', { model: s.name, version: v, code: isEdgefleetError(err) ? err.code : 'EF_INTERNAL', message: (err as Error).message });
+      }
+    }
+  }
+
+  /** Re-verifies a stored version (signature, every file's size and sha256) and loads it. */
+  private async loadVerified(name: string, version: number): Promise<Running> {
+    const signed = this.store.loadManifest(name, version);
+    if (!signed) throw new EdgefleetError('EF_ARTIFACT_MISSING', `${modelRef(name, version)}: no stored manifest`);
+    this.verifySignature(signed);
+    this.store.buildView(signed.manifest);
+    this.store.verifyVersion(signed.manifest);
+    return this.load(signed);
+  }
+
+  private async load(signed: SignedManifest): Promise<Running> {
+    const m = signed.manifest;
+    const model = await loadModel(m, this.store.viewDir(m.name, m.version));
+    return { version: m.version, signed, model, stats: new VersionStats(m) };
+  }
+
+  private verifySignature(signed: SignedManifest): void {
+    const { learnedKeys } = verifySignedManifest(signed, this.trusted);
+    if (learnedKeys.length > 0) {
+      this.trusted.push(...learnedKeys);
+      writeFileAtomic(this.keysFile, JSON.stringify(this.trusted.filter((k) => !this.opts.trustedKeys.includes(k))), 0o600);
+      this.opts.report('event', 'fleet.key.learned', { keys: learnedKeys.length });
+    }
+  }
+
+  private kick(slot: Slot): void {
+    if (slot.busy) {
+      slot.again = true;
+      return;
+    }
+    slot.busy = this.drive(slot)
+      .catch((err: unknown) => this.opts.log.error({ err, model: slot.state.name }, 'model lifecycle step failed unexpectedly'))
+      .finally(() => {
+        slot.busy = null;
+        if (slot.again && !this.closed) {
+          slot.again = false;
+          this.kick(slot);
+        }
+      });
+  }
+
+  /** One pass toward the desired version. */
+  private async drive(slot: Slot): Promise<void> {
+    const s = slot.state;
+    const want = slot.desired?.version;
+    if (want === undefined || this.closed) return;
+    if (s.state === 'probation') return; // the window decides; a new desired version waits for it
+    if (slot.serving?.version === want && s.state === 'idle') return;
+    if (s.failed.some((f) => f.version === want)) return; // failed here: only a new version moves the slot
+    if (s.stable.includes(want) && s.state === 'idle') {
+      await this.localRollback(slot, want);
+      return;
+    }
+    const abort = new AbortController();
+    slot.abort = abort;
+    try {
+      await this.candidatePipeline(slot, want, abort.signal);
+    } finally {
+      slot.abort = null;
+    }
+  }
+
+  private async candidatePipeline(slot: Slot, want: number, signal: AbortSignal): Promise<void> {
+    const name = slot.state.name;
+    const attempts = slot.state.candidate === want ? slot.state.attempts : 0;
+    this.transition(slot, 'downloading', { candidate: want, attempts });
+    let signed: SignedManifest;
+    try {
+      if (!this.opts.fetch) throw new EdgefleetError('EF_ARTIFACT_MISSING', 'no artifact server configured (models.artifactsUrl)');
+      signed = await fetchManifest(this.opts.fetch, name, want, signal);
+      this.checkTrust(slot, signed, want);
+      this.store.saveManifest(signed);
+      for (const f of signed.manifest.files) await fetchFile(this.store, this.opts.fetch, f, this.fetchStats, signal);
+      if (signal.aborted) return this.abandon(slot);
+      this.transition(slot, 'verifying');
+      this.store.buildView(signed.manifest);
+      this.store.verifyVersion(signed.manifest);
+      this.transition(slot, 'staging');
+      const check = await checkInChild(signed.manifest, this.store.viewDir(name, want), { timeoutMs: this.opts.childCheckTimeoutMs });
+      if (!check.ok) throw new EdgefleetError(check.reason === 'golden' ? 'EF_GOLDEN_MISMATCH' : 'EF_RUNTIME_FAILED', `staging ${modelRef(name, want)} in a child process: ${check.reason}${check.detail ? ` (${String(check.detail).slice(0, 300)})` : ''}`);
+    } catch (err) {
+      if (signal.aborted) return this.abandon(slot);
+      const code = isEdgefleetError(err) ? err.code : 'EF_INTERNAL';
+      // A network failure is not the version's fault: try again on the next pass, not marked failed.
+      const transient = !isEdgefleetError(err) || (code === 'EF_ARTIFACT_MISSING' && this.opts.fetch !== null);
+      if (transient && slot.state.attempts + 1 < this.opts.maxAttempts) {
+        this.opts.log.warn({ model: name, version: want, err }, 'model download failed; will retry');
+        this.transition(slot, 'idle', { attempts: slot.state.attempts + 1 }, { reason: 'retry', code, message: (err as Error).message });
+        const t = setTimeout(() => this.kick(slot), 2000 * 2 ** slot.state.attempts);
+        t.unref();
+        return;
+      }
+      return this.fail(slot, want, code, (err as Error).message);
+    }
+    if (slot.desired?.shadow) {
+      this.transition(slot, 'shadow');
+      const verdict = await this.runShadow(slot, signed, slot.desired.shadow.requests, signal);
+      if (signal.aborted) return this.abandon(slot);
+      if (verdict && !verdict.ok) return this.fail(slot, want, 'EF_HEALTH_FAILED', 'shadow', verdict);
+    }
+    await this.activate(slot, signed);
+  }
+
+  private checkTrust(slot: Slot, signed: SignedManifest, want: number): void {
+    const m = signed.manifest;
+    if (m.name !== slot.state.name || m.version !== want) throw new EdgefleetError('EF_MODEL_INVALID', `asked for ${modelRef(slot.state.name, want)}, got ${modelRef(m.name, m.version)}`);
+    this.verifySignature(signed);
+    const expect = slot.desired?.manifestSha256;
+    if (expect && manifestSha256(signed) !== expect) throw new EdgefleetError('EF_SIGNATURE_INVALID', `${modelRef(m.name, m.version)}: manifest is not the one desired state names`);
+    if (m.expiresAt !== null && m.expiresAt <= Date.now()) throw new EdgefleetError('EF_MODEL_EXPIRED', `${modelRef(m.name, m.version)} expired at ${new Date(m.expiresAt).toISOString()}`);
+    if (m.version < slot.state.floor && !slot.state.stable.includes(m.version)) {
+      throw new EdgefleetError('EF_DOWNGRADE_REFUSED', `${modelRef(m.name, m.version)} is below this device’s floor ${slot.state.floor}`);
+    }
+  }
+
+  private abandon(slot: Slot): void {
+    if (slot.state.state !== 'idle') this.transition(slot, 'idle', { candidate: null, attempts: 0 }, { reason: 'desired state moved on' });
+  }
+
+  private fail(slot: Slot, version: number, code: string, message: string, verdict?: Verdict): void {
+    const lastVerdict = { version, ok: false, code, message: message.slice(0, 500), ...(verdict ? { failures: verdict.failures, figures: verdict.figures } : {}) };
+    this.opts.log.error({ model: slot.state.name, version, code, message }, `model ${modelRef(slot.state.name, version)} refused`);
+    this.opts.report('event', 'model.verdict', { model: slot.state.name, ...lastVerdict });
+    this.transition(slot, 'failed', { lastVerdict }, { code });
+    this.transition(slot, 'idle', { candidate: null, attempts: 0, failed: [...slot.state.failed, { version, reason: code, at: Date.now() }].slice(-64) });
+  }
+
+  private async runShadow(slot: Slot, signed: SignedManifest, requests: number, signal: AbortSignal): Promise<Verdict | null> {
+    const run = await this.load(signed);
+    return new Promise<Verdict | null>((resolve) => {
+      const done = (v: Verdict | null): void => {
+        slot.shadow = null;
+        void run.model.dispose().catch(() => undefined);
+        resolve(v);
+      };
+      slot.shadow = { run, left: requests, agree: 0, total: 0, done };
+      signal.addEventListener('abort', () => done(null), { once: true });
+    });
+  }
+
+  /** Runs the shadow candidate on a live request; its answer only counts towards agreement. */
+  private shadowRun(slot: Slot, inputs: TensorMap, served: TensorMap): void {
+    const sh = slot.shadow;
+    if (!sh || sh.left <= 0) return;
+    sh.left--;
+    const t0 = performance.now();
+    sh.run.model.run(inputs).then(
+      (out) => {
+        sh.run.stats.observe(performance.now() - t0, out);
+        sh.total++;
+        if (agrees(served, out)) sh.agree++;
+        if (sh.left === 0 && sh.total === sh.run.stats.requests - sh.run.stats.errors) this.finishShadow(slot);
+      },
+      () => {
+        sh.run.stats.error();
+        if (sh.left === 0) this.finishShadow(slot);
+      },
+    );
+  }
+
+  private finishShadow(slot: Slot): void {
+    const sh = slot.shadow;
+    if (!sh) return;
+    const verdict = judge(sh.run.signed.manifest.health, sh.run.stats, slot.serving?.stats ?? null, true);
+    const agreement = sh.total > 0 ? sh.agree / sh.total : 0;
+    this.opts.report('event', 'model.shadow', { model: slot.state.name, version: sh.run.version, agreement, requests: sh.total, verdict });
+    sh.done(verdict);
+  }
+
+  private async activate(slot: Slot, signed: SignedManifest): Promise<void> {
+    const name = slot.state.name;
+    const v = signed.manifest.version;
+    this.transition(slot, 'activating');
+    let run: Running;
+    try {
+      run = await this.load(signed);
+      const golden = await runGolden(run.model, signed.manifest);
+      if (!golden.ok) {
+        await run.model.dispose().catch(() => undefined);
+        const verdict: Verdict = { ok: false, failures: [{ check: 'golden', value: golden.failures.length, limit: 0, detail: golden.failures[0]?.message.slice(0, 200) }], figures: null };
+        return this.rollBack(slot, verdict, 'golden');
+      }
+    } catch (err) {
+      return this.rollBack(slot, { ok: false, failures: [], figures: null }, `load: ${(err as Error).message.slice(0, 200)}`);
+    }
+    // The switch: the previous version stays loaded until commit, so a rollback is a pointer swap.
+    slot.previous = slot.serving;
+    slot.previousStats = slot.serving?.stats ?? slot.previousStats;
+    slot.serving = run;
+    slot.probationStartedAt = Date.now();
+    this.transition(slot, 'probation', { serving: v });
+    this.opts.log.info({ model: name, version: v, policy: { requests: signed.manifest.health.probationRequests, seconds: signed.manifest.health.probationSec } }, 'model on probation');
+  }
+
+  /** After every request: error and NaN budgets are judged at once while on probation. */
+  private afterRequest(slot: Slot, run: Running): void {
+    if (slot.state.state === 'probation' && run === slot.serving) {
+      const policy = run.signed.manifest.health;
+      if ((run.stats.errors > 0 && policy.errorRateMax === 0) || (run.stats.nonFinite > 0 && policy.nanRateMax === 0)) this.checkProbation(slot);
+    } else if (slot.watchStats && slot.watchStats.requests >= (slot.serving?.signed.manifest.health.watchWindowRequests ?? Infinity)) {
+      this.checkWatch(slot);
+    }
+  }
+
+  private periodic(): void {
+    for (const slot of this.slots.values()) if (slot.state.state === 'probation') this.checkProbation(slot);
+  }
+
+  private checkProbation(slot: Slot): void {
+    const run = slot.serving;
+    if (!run || slot.state.state !== 'probation') return;
+    const policy = run.signed.manifest.health;
+    const elapsed = (Date.now() - slot.probationStartedAt) / 1000;
+    // The window closes when both its requests and its seconds have passed; with too little
+    // traffic it closes at ten times its seconds and judges what it saw.
+    const windowDone = (run.stats.requests >= policy.probationRequests && elapsed >= policy.probationSec) || elapsed >= Math.max(policy.probationSec * 10, policy.probationSec + 1);
+    const verdict = judge(policy, run.stats, slot.previousStats, windowDone);
+    if (!verdict.ok) {
+      void this.rollBack(slot, verdict, verdict.failures.map((f) => f.check).join(','));
+      return;
+    }
+    if (windowDone) this.commit(slot, verdict);
+  }
+
+  private commit(slot: Slot, verdict: Verdict): void {
+    const run = slot.serving as Running;
+    const lastVerdict = { version: run.version, ok: true, figures: verdict.figures };
+    this.transition(slot, 'committing', { lastVerdict });
+    this.opts.report('event', 'model.verdict', { model: slot.state.name, ...lastVerdict });
+    const prev = slot.previous;
+    slot.previous = null;
+    if (prev) void prev.model.dispose().catch(() => undefined);
+    const next = this.committed(slot.state);
+    this.transition(slot, 'idle', next);
+    slot.watchStats = new VersionStats(run.signed.manifest);
+    this.collect(slot);
+    if (slot.desired?.version !== run.version) this.kick(slot);
+  }
+
+  private checkWatch(slot: Slot): void {
+    const run = slot.serving;
+    const stats = slot.watchStats;
+    if (!run || !stats) return;
+    slot.watchStats = new VersionStats(run.signed.manifest);
+    const verdict = judge(run.signed.manifest.health, stats, slot.previousStats, true);
+    if (verdict.ok) return;
+    this.opts.report('event', 'model.regression', { model: slot.state.name, version: run.version, failures: verdict.failures, figures: verdict.figures, action: run.signed.manifest.health.afterCommit });
+    if (run.signed.manifest.health.afterCommit === 'rollback' && slot.state.stable.length > 1) void this.rollBack(slot, verdict, 'regression after commit');
+  }
+
+  /**
+   * Back to the last stable version: a pointer swap when it is still loaded (probation), else a
+   * verified cold load. The version that failed is marked so and never tried again here.
+   */
+  private async rollBack(slot: Slot, verdict: Verdict, reason: string): Promise<void> {
+    const s = slot.state;
+    if (s.state === 'rolling_back') return;
+    const failedVersion = s.state === 'probation' || s.state === 'activating' ? (s.candidate ?? slot.serving?.version ?? null) : (slot.serving?.version ?? null);
+    const back = s.stable.find((v) => v !== failedVersion) ?? null;
+    const lastVerdict = { version: failedVersion, ok: false, reason, failures: verdict.failures, figures: verdict.figures ?? null };
+    this.transition(slot, 'rolling_back', { lastVerdict }, { reason });
+    this.opts.report('event', 'model.verdict', { model: s.name, ...lastVerdict, rolledBackTo: back });
+    this.opts.log.error({ model: s.name, version: failedVersion, back, failures: verdict.failures }, `model ${modelRef(s.name, failedVersion ?? 0)} rolled back: ${reason}`);
+    const bad = slot.serving?.version === failedVersion ? slot.serving : null;
+    if (slot.previous && slot.previous.version === back) {
+      slot.serving = slot.previous;
+      slot.previous = null;
+    } else if (back !== null) {
+      try {
+        slot.serving = await this.loadVerified(s.name, back);
+      } catch (err) {
+        this.opts.log.error({ err, model: s.name, version: back }, 'stable version did not verify during rollback');
+        slot.serving = null;
+        await this.serveVerified(slot);
+      }
+    } else {
+      slot.serving = null;
+    }
+    if (bad && bad !== slot.serving) void bad.model.dispose().catch(() => undefined);
+    const failed = failedVersion === null ? s.failed : [...s.failed, { version: failedVersion, reason: reason.slice(0, 64), at: Date.now() }].slice(-64);
+    this.transition(slot, 'idle', {
+      serving: slot.serving?.version ?? null,
+      stable: s.stable.filter((v) => v !== failedVersion),
+      candidate: null,
+      attempts: 0,
+      failed,
+    });
+    slot.watchStats = slot.serving ? new VersionStats(slot.serving.signed.manifest) : null;
+  }
+
+  /** Desired state names a version from this device's own stable history: verify, load, switch. */
+  private async localRollback(slot: Slot, version: number): Promise<void> {
+    const run = await this.loadVerified(slot.state.name, version);
+    this.transition(slot, 'activating', { candidate: version });
+    const old = slot.serving;
+    slot.serving = run;
+    if (old) void old.model.dispose().catch(() => undefined);
+    this.transition(slot, 'probation', { serving: version });
+    slot.probationStartedAt = Date.now();
+    slot.previousStats = old?.stats ?? null;
+    slot.previous = null;
+  }
+
+  private collect(slot: Slot): void {
+    const s = slot.state;
+    const keep = new Set<number>([...s.stable, ...(s.fallback !== null ? [s.fallback] : []), ...(s.serving !== null ? [s.serving] : [])]);
+    try {
+      this.store.collect(s.name, keep);
+    } catch (err) {
+      this.opts.log.warn({ err, model: s.name }, 'could not collect old model versions');
+    }
+  }
+}
+
+/** Outputs agree when every output's argmax (or single value within 1e-3) matches. */
+function agrees(a: TensorMap, b: TensorMap): boolean {
+  for (const name in a) {
+    const x = a[name];
+    const y = b[name];
+    if (!x || !y || x.data.length !== y.data.length) return false;
+    if (x.data instanceof BigInt64Array || y.data instanceof BigInt64Array) continue;
+    let ax = 0;
+    let ay = 0;
+    for (let i = 1; i < x.data.length; i++) {
+      if ((x.data[i] as number) > (x.data[ax] as number)) ax = i;
+      if ((y.data[i] as number) > (y.data[ay] as number)) ay = i;
+    }
+    if (x.data.length === 1 ? Math.abs((x.data[0] as number) - (y.data[0] as number)) > 1e-3 : ax !== ay) return false;
+  }
+  return true;
+}

@@ -1,0 +1,65 @@
+/**
+ * Models end to end, all real: a fleet with its registry and artifact server, iris models trained
+ * by the project's code, an agent that downloads, verifies, stages in a child process, probates
+ * on live traffic, commits or rolls back, and reports through its outbox.
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import { loadModel } from '../../agent/runtime/load.js';
+import { Manifest } from '../../proto/index.js';
+import { irisSamples } from '../../scripts/train-iris.js';
+import { cleanup, waitFor } from '../helpers/fleet.js';
+import { ALL_ROWS, GOLDEN_ROWS, assign, inferHttp, irisModels, irisVectorsFile, publishModel, serving, startModelAgent, startModelFleet, trafficUntil } from '../helpers/models.js';
+
+afterEach(cleanup);
+
+const QUICK = { probationRequests: 60, probationSec: 0.5, confidenceOutput: 'probabilities' };
+
+describe('models end to end', () => {
+  it('publish, assign, download, verify, probate, commit, serve through the standard API; the fleet shows it', async () => {
+    const models = await irisModels();
+    const fleet = await startModelFleet();
+    const v1 = await publishModel(fleet, models.good.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK });
+    expect(v1.version).toBe(1);
+    const { agent, url, cred } = await startModelAgent(fleet);
+    await assign(fleet, 'iris', 1, [cred.username]);
+    await trafficUntil(agent, 'iris', 'iris@1 committed', () => serving(agent, 'iris', 1));
+
+    // The API answers with what the runtime gives when called directly on the same files.
+    const { features } = irisSamples();
+    const direct = await loadModel(Manifest.parse(agent.models.active('iris')), models.good.dir);
+    for (const row of [0, 60, 120]) {
+      const res = await inferHttp(url, 'iris', features[row] as number[]);
+      expect(res.status).toBe(200);
+      expect(res.body.model_version).toBe('1');
+      expect(typeof res.body.id).toBe('string');
+      const want = await direct.run({ features: { dtype: 'float32', shape: [1, 4], data: Float32Array.from(features[row] as number[]) } });
+      const got = (res.body.outputs as { name: string; data: number[] }[])[0];
+      expect(got?.name).toBe('probabilities');
+      expect(Float32Array.from(got?.data ?? [])).toEqual(want.probabilities?.data);
+    }
+    await direct.dispose();
+    expect((await fetch(`${url}/v2/health/ready`)).status).toBe(200);
+
+    // The fleet sees it served, in sync, and the lifecycle in the device's telemetry.
+    await waitFor('fleet sees iris@1 committed', async () => {
+      const d = await fleet.admin.call('devices.show', { deviceId: cred.username });
+      return d.reported?.models.iris?.active === 1 && d.reported.models.iris.state === 'idle' && d.inSync;
+    });
+    await waitFor('verdict reported', async () => {
+      const t = await fleet.admin.call('telemetry.list', { deviceId: cred.username, limit: 200 });
+      return t.records.some((r) => r.type === 'model.verdict' && (r.body as { ok?: boolean }).ok === true);
+    });
+    const d = await fleet.admin.call('devices.show', { deviceId: cred.username });
+    expect(d.reported?.models.iris).toMatchObject({ state: 'idle', active: 1, history: [1], failed: [], fallback: 1 });
+
+    // A second good version commits too, and the first stays in the history for local rollback.
+    const v2 = await publishModel(fleet, models.good2.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK });
+    await assign(fleet, 'iris', v2.version, [cred.username]);
+    await trafficUntil(agent, 'iris', 'iris@2 committed', () => serving(agent, 'iris', 2));
+    expect(agent.models.slotState('iris')).toMatchObject({ stable: [2, 1], failed: [] });
+
+    // Desired state naming a version from the device's own history: a local rollback.
+    await assign(fleet, 'iris', 1, [cred.username]);
+    await trafficUntil(agent, 'iris', 'back on iris@1', () => serving(agent, 'iris', 1));
+  }, 120_000);
+});
