@@ -342,6 +342,7 @@ export class Agent {
       trustedKeys: keys,
       fetch: m.artifactsUrl ? { baseUrl: m.artifactsUrl.replace(/\/+$/, ''), username: cfg.broker.username ?? cfg.deviceId, password } : null,
       keepStable: m.keepStable,
+      maxModelBytes: m.maxModelBytes,
       maxAttempts: m.maxAttempts,
       childCheckTimeoutMs: m.childCheckTimeoutSec * 1000,
       checkIntervalMs: m.checkIntervalMs,

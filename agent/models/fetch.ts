@@ -41,7 +41,11 @@ export async function fetchManifest(auth: FetchAuth, name: string, version: numb
   if (!res.ok) throw await refusal(res, `manifest of ${name}@${version}`);
   const body = Buffer.from(await res.arrayBuffer());
   const decoded = decodeJson(SignedManifest, body, MAX_MANIFEST_BYTES);
-  if (!decoded.ok) throw new EdgefleetError('EF_MODEL_INVALID', `manifest of ${name}@${version}: ${decoded.error.message}`);
+  if (!decoded.ok) {
+    // A manifest without its signature is an unsigned one, whatever else is wrong with it.
+    const unsigned = !/"signature"\s*:\s*\{/.test(body.subarray(0, MAX_MANIFEST_BYTES).toString('utf8'));
+    throw new EdgefleetError(unsigned ? 'EF_SIGNATURE_INVALID' : 'EF_MODEL_INVALID', `manifest of ${name}@${version}: ${unsigned ? 'unsigned' : decoded.error.message}`);
+  }
   return decoded.value;
 }
 

@@ -32,6 +32,7 @@ export interface ModelManagerOptions {
   trustedKeys: string[];
   fetch: FetchAuth | null;
   keepStable: number;
+  maxModelBytes: number;
   maxAttempts: number;
   childCheckTimeoutMs: number;
   /** Seconds between health checks while on probation. */
@@ -432,6 +433,8 @@ export class ModelManager implements ModelHost {
     this.verifySignature(signed);
     const expect = slot.desired?.manifestSha256;
     if (expect && manifestSha256(signed) !== expect) throw new EdgefleetError('EF_SIGNATURE_INVALID', `${modelRef(m.name, m.version)}: manifest is not the one desired state names`);
+    const bytes = m.files.reduce((a, f) => a + f.size, 0);
+    if (bytes > this.opts.maxModelBytes) throw new EdgefleetError('EF_ARTIFACT_TOO_LARGE', `${modelRef(m.name, m.version)} is ${bytes} bytes, above this device’s cap of ${this.opts.maxModelBytes}`);
     if (m.expiresAt !== null && m.expiresAt <= Date.now()) throw new EdgefleetError('EF_MODEL_EXPIRED', `${modelRef(m.name, m.version)} expired at ${new Date(m.expiresAt).toISOString()}`);
     if (m.version < slot.state.floor && !slot.state.stable.includes(m.version)) {
       throw new EdgefleetError('EF_DOWNGRADE_REFUSED', `${modelRef(m.name, m.version)} is below this device’s floor ${slot.state.floor}`);
