@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { userInfo } from 'node:os';
 import { parseArgs } from 'node:util';
-import { EXIT, EdgefleetError, RECORD_CLASSES, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type RecordClass, type Role } from '../proto/index.js';
+import { EXIT, EdgefleetError, RECORD_CLASSES, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type ModelSlotReport, type RecordClass, type Role } from '../proto/index.js';
 import { writeFileAtomic } from '../common/files.js';
 import { VERSION } from '../common/version.js';
 import { OpsClient } from './ops-client.js';
@@ -120,6 +120,20 @@ async function withClient<T>(flags: Flags, fn: (c: OpsClient) => Promise<T>, def
   }
 }
 
+/** A device's model slot, as `devices show` prints it: what serves, what it keeps, what failed and why. */
+function modelLines(name: string, m: ModelSlotReport, desired: number | null): string[] {
+  const lines = [
+    `model       ${name}: serving ${m.active === null ? 'nothing' : `version ${m.active}`} (${m.state}) · desired ${desired ?? '-'}`,
+    `            stable ${m.history.join(', ') || '-'} · failed here ${m.failed.join(', ') || '-'} · fallback ${m.fallback ?? '-'}`,
+  ];
+  const v = m.lastVerdict as { version?: number; ok?: boolean; code?: string; reason?: string; failures?: { check: string; value: number; limit: number }[] } | null;
+  if (v) {
+    const why = v.failures?.length ? v.failures.map((f) => `${f.check} ${f.value}, limit ${f.limit}`).join(', ') : (v.code ?? v.reason ?? '');
+    lines.push(`            last verdict: version ${v.version ?? '?'} ${v.ok ? 'committed' : `refused (${why})`}`);
+  }
+  return lines;
+}
+
 function need(arg: string | undefined, what: string): string {
   if (arg === undefined) throw new UsageError(`missing ${what}`);
   return arg;
@@ -183,6 +197,7 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
                 ` · dropped to stay in bounds: ${dropped.length > 0 ? dropped.join(', ') : 'none'}`,
             );
           } else lines.push('telemetry   nothing received yet');
+          for (const [name, m] of Object.entries(d.reported?.models ?? {})) lines.push(...modelLines(name, m, d.desired.models[name]?.version ?? null));
           if (d.drift.length > 0) lines.push('drift (reported → desired):', ...d.drift.map((op) => `  ${JSON.stringify(op)}`));
           return lines.join('\n');
         });

@@ -31,10 +31,17 @@ async function provisionLocalAgent(server: FleetServer, agentDir: string): Promi
   const client = await OpsClient.connect(profile);
   try {
     const known = server.fleetStore.devices.get(LOCAL_DEVICE) !== null;
+    // Where models come from and the key they must be signed with; refreshed on every start, as
+    // the artifact server's port may have changed.
+    const models = { artifactsUrl: server.artifactsUrl, trustedKeysFile: resolve(server.dataDir, 'fleet-key.pub') };
     if (!known || !existsSync(configFile)) {
       if (known) await client.call('devices.remove', { deviceId: LOCAL_DEVICE });
       const { credential } = await client.call('devices.add', { deviceId: LOCAL_DEVICE });
-      const config = { deviceId: LOCAL_DEVICE, stateDir: join(agentDir, 'state'), broker: { url: credential.brokerUrl, password: credential.password } };
+      const config = { deviceId: LOCAL_DEVICE, stateDir: join(agentDir, 'state'), broker: { url: credential.brokerUrl, password: credential.password }, models };
+      writeFileAtomic(configFile, JSON.stringify(config, null, 2) + '\n', 0o600);
+    } else {
+      const config = JSON.parse(readFileSync(configFile, 'utf8')) as Record<string, unknown>;
+      config.models = { ...(config.models as object | undefined), ...models };
       writeFileAtomic(configFile, JSON.stringify(config, null, 2) + '\n', 0o600);
     }
   } finally {
@@ -85,6 +92,11 @@ async function main(): Promise<number> {
   say(`  npx edgefleet devices show ${LOCAL_DEVICE}`);
   say(`  npx edgefleet desired set ${LOCAL_DEVICE} '[{"op":"replace","path":"/agent/reportIntervalSec","value":60}]'`);
   say('  npx edgefleet audit');
+  say('models (README, "Models: a walkthrough"):');
+  say('  npm run train:iris -- data/iris');
+  say('  npx edgefleet model publish data/iris/good --name iris --golden-inputs data/iris/golden.json --baseline-inputs data/iris/baseline.json --health data/iris/health.json');
+  say(`  npx edgefleet model assign iris@1 ${LOCAL_DEVICE}`);
+  say('  npm run traffic:iris');
   say('stop with Ctrl-C.');
   say('');
 

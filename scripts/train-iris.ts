@@ -11,6 +11,7 @@
  * over setosa, versicolor, virginica).
  */
 import { createHash } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -350,6 +351,21 @@ async function main(argv: string[]): Promise<void> {
   }
   const models = await buildIrisModels(outDir, variants.length > 0 ? { variants: variants as IrisVariant[] } : {});
   for (const m of Object.values(models)) process.stdout.write(`${JSON.stringify({ variant: m.variant, dir: m.dir, runtime: m.runtime, accuracy: m.accuracy })}\n`);
+  writeExampleInputs(outDir);
+}
+
+/**
+ * Files for `edgefleet model publish`: golden inputs (two rows of each class), baseline inputs
+ * (every row) and a health policy with a short probation, for trying the lifecycle by hand.
+ */
+function writeExampleInputs(outDir: string): void {
+  const { features } = irisSamples();
+  const vectors = (rows: number[]): string =>
+    JSON.stringify({ vectors: rows.map((r) => ({ inputs: { [IRIS_INPUT.name]: { shape: [1, 4], data: features[r] } } })) });
+  writeFileSync(join(outDir, 'golden.json'), vectors([0, 1, 50, 51, 100, 101]));
+  writeFileSync(join(outDir, 'baseline.json'), vectors(features.map((_, i) => i)));
+  writeFileSync(join(outDir, 'health.json'), JSON.stringify({ probationRequests: 100, probationSec: 5, confidenceOutput: IRIS_OUTPUT.name }, null, 2));
+  process.stdout.write(`wrote golden.json, baseline.json and health.json in ${outDir}\n`);
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
