@@ -3,7 +3,8 @@
  * them (real runtime for golden outputs and baselines, real uploads, real signatures), agents
  * provisioned with the fleet key, and traffic through the agent's real inference API.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Agent } from '../../agent/agent.js';
 import type { ModelDraftInput } from '../../proto/index.js';
@@ -25,9 +26,16 @@ export async function startModelFleet(): Promise<ModelFleet> {
 
 let iris: Promise<Record<IrisVariant, IrisModel>> | null = null;
 
-/** The iris models, trained once per test file by the project's own training code. */
+/**
+ * The iris models, trained once per test file by the project's own training code. They outlive
+ * each test's cleanup and go when the test process exits.
+ */
 export function irisModels(): Promise<Record<IrisVariant, IrisModel>> {
-  iris ??= buildIrisModels(tempDir('edgefleet-iris-'));
+  if (!iris) {
+    const dir = mkdtempSync(join(tmpdir(), 'edgefleet-iris-'));
+    process.once('exit', () => rmSync(dir, { recursive: true, force: true }));
+    iris = buildIrisModels(dir);
+  }
   return iris;
 }
 

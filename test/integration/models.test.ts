@@ -62,4 +62,36 @@ describe('models end to end', () => {
     await assign(fleet, 'iris', 1, [cred.username]);
     await trafficUntil(agent, 'iris', 'back on iris@1', () => serving(agent, 'iris', 1));
   }, 120_000);
+
+  it('shadow: the candidate scores live requests first, its answers are not returned, agreement is reported', async () => {
+    const models = await irisModels();
+    const fleet = await startModelFleet();
+    const opts = { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK };
+    await publishModel(fleet, models.good.dir, opts);
+    await publishModel(fleet, models.graph.dir, opts);
+    const { agent, cred } = await startModelAgent(fleet);
+    await assign(fleet, 'iris', 1, [cred.username]);
+    await trafficUntil(agent, 'iris', 'iris@1 committed', () => serving(agent, 'iris', 1));
+
+    await fleet.admin.call('models.assign', { name: 'iris', version: 2, deviceIds: [cred.username], shadow: { requests: 40 } });
+    const answeredBy = new Set<number>();
+    let sawShadow = false;
+    await trafficUntil(agent, 'iris', 'shadow, then iris@2 committed', () => {
+      const s = agent.models.slotState('iris');
+      if (s?.state === 'shadow') {
+        sawShadow = true;
+        answeredBy.add(s.serving ?? 0);
+      }
+      return serving(agent, 'iris', 2);
+    });
+    expect(sawShadow).toBe(true);
+    // While the candidate was in shadow, version 1 answered every request.
+    expect([...answeredBy]).toEqual([1]);
+    await waitFor('shadow report', async () => {
+      const t = await fleet.admin.call('telemetry.list', { deviceId: cred.username, limit: 200 });
+      const shadow = t.records.find((r) => r.type === 'model.shadow');
+      // The graph export of the same weights agrees with the layers model on every request.
+      return shadow !== undefined && (shadow.body as { agreement: number; requests: number }).agreement === 1 && (shadow.body as { requests: number }).requests === 40;
+    });
+  }, 120_000);
 });
