@@ -55,7 +55,7 @@ export async function fetchManifest(auth: FetchAuth, name: string, version: numb
  * sha256 of the whole file must match before it is adopted. A server that sends more than the
  * signed size, or different bytes, gets EF_ARTIFACT_MISMATCH and the partial file is discarded.
  */
-export async function fetchFile(store: ModelStore, auth: FetchAuth, file: ModelFile, stats: FetchStats, signal?: AbortSignal): Promise<void> {
+export async function fetchFile(store: ModelStore, auth: FetchAuth, file: ModelFile, stats: FetchStats, signal?: AbortSignal, fresh = false): Promise<void> {
   if (store.hasBlob(file.sha256, file.size)) {
     stats.filesReused++;
     return;
@@ -67,10 +67,11 @@ export async function fetchFile(store: ModelStore, auth: FetchAuth, file: ModelF
   } catch {
     have = 0;
   }
-  if (have > file.size) {
+  if (have > file.size || fresh) {
     truncateSync(part, 0);
     have = 0;
   }
+  const resumed = have > 0;
   const hash = createHash('sha256');
   if (have > 0) {
     // Hash what is already there; the rest streams through the same hash.
@@ -82,9 +83,7 @@ export async function fetchFile(store: ModelStore, auth: FetchAuth, file: ModelF
     const res = await fetch(`${auth.baseUrl}/v1/artifacts/${file.sha256}`, { headers, signal });
     if (res.status === 200 && have > 0) {
       // The server ignored the range: start over.
-      truncateSync(part, 0);
-      have = 0;
-      return fetchFile(store, auth, file, stats, signal);
+      return fetchFile(store, auth, file, stats, signal, true);
     }
     if (res.status !== 200 && res.status !== 206) throw await refusal(res, `artifact ${file.path}`);
     if (!res.body) throw new EdgefleetError('EF_ARTIFACT_MISSING', `artifact ${file.path}: empty response`);
@@ -114,6 +113,8 @@ export async function fetchFile(store: ModelStore, auth: FetchAuth, file: ModelF
   }
   if (hash.digest('hex') !== file.sha256) {
     truncateSync(part, 0);
+    // The bad bytes may be in the part kept from an earlier attempt: once more, from the start.
+    if (resumed) return fetchFile(store, auth, file, stats, signal, true);
     throw new EdgefleetError('EF_ARTIFACT_MISMATCH', `artifact ${file.path}: sha256 does not match the signed manifest`);
   }
   store.adoptBlob(part, file.sha256);

@@ -451,6 +451,8 @@ export class ModelManager implements ModelHost {
     this.opts.report('event', 'model.verdict', { model: slot.state.name, ...lastVerdict });
     this.transition(slot, 'failed', { lastVerdict }, { code });
     this.transition(slot, 'idle', { candidate: null, attempts: 0, failed: [...slot.state.failed, { version, reason: code, at: Date.now() }].slice(-64) });
+    // Nothing of a refused version stays: its manifest, its files, its partial downloads.
+    this.collect(slot);
   }
 
   private async runShadow(slot: Slot, signed: SignedManifest, requests: number, signal: AbortSignal): Promise<Verdict | null> {
@@ -614,6 +616,7 @@ export class ModelManager implements ModelHost {
       failed,
     });
     slot.watchStats = slot.serving ? new VersionStats(slot.serving.signed.manifest) : null;
+    this.collect(slot);
   }
 
   /** Desired state names a version from this device's own stable history: verify, load, switch. */

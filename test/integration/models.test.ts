@@ -3,6 +3,8 @@
  * by the project's code, an agent that downloads, verifies, stages in a child process, probates
  * on live traffic, commits or rolls back, and reports through its outbox.
  */
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { loadModel } from '../../agent/runtime/load.js';
 import { Manifest } from '../../proto/index.js';
@@ -61,6 +63,44 @@ describe('models end to end', () => {
     // Desired state naming a version from the device's own history: a local rollback.
     await assign(fleet, 'iris', 1, [cred.username]);
     await trafficUntil(agent, 'iris', 'back on iris@1', () => serving(agent, 'iris', 1));
+  }, 120_000);
+
+  it('at start-up nothing serves before it verifies; a corrupted active version gives way to the newest stable one, and the device says so', async () => {
+    const models = await irisModels();
+    const fleet = await startModelFleet();
+    const opts = { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK };
+    await publishModel(fleet, models.good.dir, opts);
+    const v2 = await publishModel(fleet, models.good2.dir, opts);
+    const first = await startModelAgent(fleet);
+    const { cred, stateDir } = first;
+    await assign(fleet, 'iris', 1, [cred.username]);
+    await trafficUntil(first.agent, 'iris', 'iris@1 committed', () => serving(first.agent, 'iris', 1));
+    await assign(fleet, 'iris', 2, [cred.username]);
+    await trafficUntil(first.agent, 'iris', 'iris@2 committed', () => serving(first.agent, 'iris', 2));
+
+    // Feedback for a request the device answered is kept; for one it never saw, refused.
+    const answered = await inferHttp(first.url, 'iris', [5.9, 3.0, 5.1, 1.8]);
+    const label = (id: unknown): Promise<Response> =>
+      fetch(`${first.url}/v2/models/iris/feedback`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ id, label: 'virginica' }) });
+    expect((await label(answered.body.id)).status).toBe(200);
+    expect((await label('never-seen')).status).toBe(404);
+    await first.agent.stop();
+
+    // Flip one byte of a file of the active version, behind the agent's back.
+    const weights = v2.draft.files.find((f) => f.path.endsWith('.bin'));
+    const blob = join(stateDir, 'models', 'blobs', weights?.sha256 ?? '');
+    const bytes = readFileSync(blob);
+    bytes[100] = (bytes[100] ?? 0) ^ 0xff;
+    writeFileSync(blob, bytes);
+
+    const again = await startModelAgent(fleet, { cred, stateDir });
+    expect(again.agent.models.ready()).toBe(true);
+    expect(again.agent.models.active('iris')?.version).toBe(1);
+    expect((await inferHttp(again.url, 'iris', [5.9, 3.0, 5.1, 1.8])).body.model_version).toBe('1');
+    await waitFor('fallback reported', async () => {
+      const t = await fleet.admin.call('telemetry.list', { deviceId: cred.username, limit: 200 });
+      return t.records.some((r) => r.type === 'model.fallback' && (r.body as { wanted: number; serving: number }).wanted === 2 && (r.body as { serving: number }).serving === 1);
+    });
   }, 120_000);
 
   it('shadow: the candidate scores live requests first, its answers are not returned, agreement is reported', async () => {

@@ -79,6 +79,15 @@ describe('artifact download', () => {
     expect(readFileSync(store.blobPath(sha)).equals(body)).toBe(true);
   });
 
+  it('starts over once when the part kept from an earlier attempt holds bad bytes', async () => {
+    const store = new ModelStore(tempDir());
+    writeFileSync(store.partialPath(sha), randomBytes(50_000));
+    const { url, ranges } = await serve('honest');
+    await fetchFile(store, { baseUrl: url, username: 'd', password: 'p' }, file, stats());
+    expect(ranges).toEqual([`bytes=50000-${body.length - 1}`, '']);
+    expect(readFileSync(store.blobPath(sha)).equals(body)).toBe(true);
+  });
+
   it('starts over when the server ignores the range', async () => {
     const store = new ModelStore(tempDir());
     writeFileSync(store.partialPath(sha), body.subarray(0, 1000));
