@@ -10,6 +10,7 @@ import { ModelVersion } from '../../proto/index.js';
  *                 │             │           │    └───────────┴─▶ activating ─▶ probation ─▶ committing ─▶ idle
  *                 └─────────────┴───────────┴──────▶ failed ─▶ idle         │            │
  *                                                                            └────────────┴─▶ rolling_back ─▶ idle
+ *   idle ─▶ rolling_back (a regression after commit, policy `afterCommit: rollback`)
  *
  * `idle` also follows any pre-activation state when desired state moves on (the candidate is
  * abandoned, not failed).
@@ -18,7 +19,8 @@ export const SLOT_STATES = ['idle', 'downloading', 'verifying', 'staging', 'shad
 export type SlotStateName = (typeof SLOT_STATES)[number];
 
 export const TRANSITIONS: Record<SlotStateName, readonly SlotStateName[]> = {
-  idle: ['downloading', 'activating'],
+  // rolling_back from idle: a regression after commit, when the manifest says to roll back.
+  idle: ['downloading', 'activating', 'rolling_back'],
   downloading: ['verifying', 'failed', 'idle'],
   verifying: ['staging', 'failed', 'idle'],
   staging: ['shadow', 'activating', 'failed', 'idle'],

@@ -527,7 +527,7 @@ export class ModelManager implements ModelHost {
     if (slot.state.state === 'probation' && run === slot.serving) {
       const policy = run.signed.manifest.health;
       if ((run.stats.errors > 0 && policy.errorRateMax === 0) || (run.stats.nonFinite > 0 && policy.nanRateMax === 0)) this.checkProbation(slot);
-    } else if (slot.watchStats && slot.watchStats.requests >= (slot.serving?.signed.manifest.health.watchWindowRequests ?? Infinity)) {
+    } else if (slot.state.state === 'idle' && slot.watchStats && slot.watchStats.requests >= (slot.serving?.signed.manifest.health.watchWindowRequests ?? Infinity)) {
       this.checkWatch(slot);
     }
   }
@@ -546,7 +546,7 @@ export class ModelManager implements ModelHost {
     const windowDone = (run.stats.requests >= policy.probationRequests && elapsed >= policy.probationSec) || elapsed >= Math.max(policy.probationSec * 10, policy.probationSec + 1);
     const verdict = judge(policy, run.stats, slot.previousStats, windowDone);
     if (!verdict.ok) {
-      void this.rollBack(slot, verdict, verdict.failures.map((f) => f.check).join(','));
+      this.track(this.rollBack(slot, verdict, verdict.failures.map((f) => f.check).join(',')));
       return;
     }
     if (windowDone) this.commit(slot, verdict);
@@ -575,7 +575,7 @@ export class ModelManager implements ModelHost {
     const verdict = judge(run.signed.manifest.health, stats, slot.previousStats, true);
     if (verdict.ok) return;
     this.opts.report('event', 'model.regression', { model: slot.state.name, version: run.version, failures: verdict.failures, figures: verdict.figures, action: run.signed.manifest.health.afterCommit });
-    if (run.signed.manifest.health.afterCommit === 'rollback' && slot.state.stable.length > 1) void this.rollBack(slot, verdict, 'regression after commit');
+    if (run.signed.manifest.health.afterCommit === 'rollback' && slot.state.stable.length > 1) this.track(this.rollBack(slot, verdict, 'regression after commit'));
   }
 
   /**

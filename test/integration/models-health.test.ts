@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { ModelDraftInput } from '../../proto/index.js';
-import { cleanup } from '../helpers/fleet.js';
+import { cleanup, waitFor } from '../helpers/fleet.js';
 import {
   ALL_ROWS,
   GOLDEN_ROWS,
@@ -150,4 +150,25 @@ describe('good versions', () => {
     const d = await fleet.admin.call('devices.show', { deviceId });
     expect(d.reported?.models.iris?.failed.length).toBeGreaterThanOrEqual(5);
   }, 300_000);
+});
+
+describe('after commit', () => {
+  it('the watch goes on, and a sustained regression rolls back when the manifest says so', async () => {
+    const { good } = await irisModels();
+    const before = agent.models.slotState('iris')?.serving;
+    const v = await tryVersion(good.dir, { healthPolicy: { ...POLICY, watchWindowRequests: 30, afterCommit: 'rollback', memoryGrowthMb: 48 } });
+    expect(agent.models.slotState('iris')?.serving).toBe(v);
+    // Committed; now it starts to leak (made in this process, which is the agent's).
+    const held: Buffer[] = [];
+    for (let i = 0; i < 12; i++) held.push(Buffer.alloc(16 * 1024 * 1024, i + 1));
+    await trafficUntil(agent, 'iris', 'rolled back after commit', () => agent.models.slotState('iris')?.serving === before);
+    held.length = 0;
+    const s = agent.models.slotState('iris');
+    expect(s?.failed.map((f) => f.version)).toContain(v);
+    expect(s?.lastVerdict).toMatchObject({ version: v, reason: 'regression after commit' });
+    await waitFor('regression reported', async () => {
+      const t = await fleet.admin.call('telemetry.list', { deviceId, limit: 500 });
+      return t.records.some((r) => r.type === 'model.regression' && (r.body as { version: number }).version === v);
+    });
+  }, 120_000);
 });
