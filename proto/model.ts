@@ -110,6 +110,8 @@ export const HealthPolicy = z
     latencyP95Ms: z.number().positive().optional(),
     /** Largest allowed p95 over the previous version's p95 on this device. */
     latencyRatioMax: z.number().min(1).default(2),
+    /** A p95 within this many ms of the previous version's never counts against it: scheduling noise on a busy device. */
+    latencySlackMs: z.number().min(0).default(2),
     errorRateMax: z.number().min(0).max(1).default(0.01),
     nanRateMax: z.number().min(0).max(1).default(0),
     memoryGrowthMb: z.number().positive().default(64),

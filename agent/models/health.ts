@@ -189,7 +189,7 @@ export function judge(policy: HealthPolicy, stats: VersionStats, previous: Versi
   if (growth > policy.memoryGrowthMb) failures.push({ check: 'memory', value: round(growth), limit: policy.memoryGrowthMb });
   if (enough && p95 !== null) {
     if (policy.latencyP95Ms !== undefined && p95 > policy.latencyP95Ms) failures.push({ check: 'latency', value: round(p95), limit: policy.latencyP95Ms });
-    if (prevP95 !== null && prevP95 > 0 && p95 > prevP95 * policy.latencyRatioMax && p95 - prevP95 > 0.5) {
+    if (prevP95 !== null && prevP95 > 0 && p95 > prevP95 * policy.latencyRatioMax && p95 - prevP95 > policy.latencySlackMs) {
       failures.push({ check: 'latency-vs-previous', value: round(p95 / prevP95), limit: policy.latencyRatioMax, detail: `p95 ${round(p95)} ms against ${round(prevP95)} ms` });
     }
   }

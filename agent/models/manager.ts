@@ -236,13 +236,14 @@ export class ModelManager implements ModelHost {
     return this.slots.get(name)?.state ?? null;
   }
 
-  /** Rolls back to the previous stable version at once; warm while it is still loaded. Returns the milliseconds the switch took. */
+  /**
+   * Rolls back to the previous stable version at once: warm (a pointer swap) while it is still
+   * loaded, else a verified cold load. Returns the milliseconds until the stable version answered.
+   */
   async rollbackNow(name: string, reason: string): Promise<number> {
     const slot = this.slots.get(name);
     if (!slot) throw new EdgefleetError('EF_UNKNOWN_MODEL', `no model named ${name} on this device`);
-    const t0 = performance.now();
-    await this.rollBack(slot, { ok: false, failures: [], figures: null }, reason);
-    return performance.now() - t0;
+    return this.rollBack(slot, { ok: false, failures: [], figures: null }, reason);
   }
 
   private newSlot(state: SlotState): Slot {
@@ -404,6 +405,7 @@ export class ModelManager implements ModelHost {
       this.transition(slot, 'staging');
       const check = await checkInChild(signed.manifest, this.store.viewDir(name, want), { timeoutMs: this.opts.childCheckTimeoutMs });
       if (!check.ok) throw new EdgefleetError(check.reason === 'golden' ? 'EF_GOLDEN_MISMATCH' : 'EF_RUNTIME_FAILED', `staging ${modelRef(name, want)} in a child process: ${check.reason}${check.detail ? ` (${String(check.detail).slice(0, 300)})` : ''}`);
+      if (signal.aborted) return this.abandon(slot);
     } catch (err) {
       if (signal.aborted) return this.abandon(slot);
       const code = isEdgefleetError(err) ? err.code : 'EF_INTERNAL';
@@ -424,6 +426,7 @@ export class ModelManager implements ModelHost {
       if (signal.aborted) return this.abandon(slot);
       if (verdict && !verdict.ok) return this.fail(slot, want, 'EF_HEALTH_FAILED', 'shadow', verdict);
     }
+    if (signal.aborted) return this.abandon(slot);
     await this.activate(slot, signed);
   }
 
@@ -508,10 +511,12 @@ export class ModelManager implements ModelHost {
       if (!golden.ok) {
         await run.model.dispose().catch(() => undefined);
         const verdict: Verdict = { ok: false, failures: [{ check: 'golden', value: golden.failures.length, limit: 0, detail: golden.failures[0]?.message.slice(0, 200) }], figures: null };
-        return this.rollBack(slot, verdict, 'golden');
+        await this.rollBack(slot, verdict, 'golden');
+        return;
       }
     } catch (err) {
-      return this.rollBack(slot, { ok: false, failures: [], figures: null }, `load: ${(err as Error).message.slice(0, 200)}`);
+      await this.rollBack(slot, { ok: false, failures: [], figures: null }, `load: ${(err as Error).message.slice(0, 200)}`);
+      return;
     }
     // The switch: the previous version stays loaded until commit, so a rollback is a pointer swap.
     slot.previous = slot.serving;
@@ -582,20 +587,27 @@ export class ModelManager implements ModelHost {
    * Back to the last stable version: a pointer swap when it is still loaded (probation), else a
    * verified cold load. The version that failed is marked so and never tried again here.
    */
-  private async rollBack(slot: Slot, verdict: Verdict, reason: string): Promise<void> {
+  private async rollBack(slot: Slot, verdict: Verdict, reason: string): Promise<number> {
     const s = slot.state;
-    if (s.state === 'rolling_back') return;
+    if (s.state === 'rolling_back') return 0;
+    const t0 = performance.now();
     const failedVersion = s.state === 'probation' || s.state === 'activating' ? (s.candidate ?? slot.serving?.version ?? null) : (slot.serving?.version ?? null);
     const back = s.stable.find((v) => v !== failedVersion) ?? null;
+    const bad = slot.serving?.version === failedVersion ? slot.serving : null;
+    let switchMs = 0;
+    // Warm: the switch comes first, before anything is written. A crash before the state below is
+    // persisted finds `probation` on disk, which a restart also rolls back (ON_RESTART).
+    if (slot.previous && slot.previous.version === back) {
+      slot.serving = slot.previous;
+      slot.previous = null;
+      switchMs = performance.now() - t0;
+    }
     const lastVerdict = { version: failedVersion, ok: false, reason, failures: verdict.failures, figures: verdict.figures ?? null };
     this.transition(slot, 'rolling_back', { lastVerdict }, { reason });
     this.opts.report('event', 'model.verdict', { model: s.name, ...lastVerdict, rolledBackTo: back });
     this.opts.log.error({ model: s.name, version: failedVersion, back, failures: verdict.failures }, `model ${modelRef(s.name, failedVersion ?? 0)} rolled back: ${reason}`);
-    const bad = slot.serving?.version === failedVersion ? slot.serving : null;
-    if (slot.previous && slot.previous.version === back) {
-      slot.serving = slot.previous;
-      slot.previous = null;
-    } else if (back !== null) {
+    if (slot.serving === bad && back !== null) {
+      // Cold: verify and load the stable version from disk; the bad one answers until it is ready.
       try {
         slot.serving = await this.loadVerified(s.name, back);
       } catch (err) {
@@ -603,10 +615,12 @@ export class ModelManager implements ModelHost {
         slot.serving = null;
         await this.serveVerified(slot);
       }
-    } else {
+      switchMs = performance.now() - t0;
+    } else if (back === null) {
       slot.serving = null;
     }
-    if (bad && bad !== slot.serving) void bad.model.dispose().catch(() => undefined);
+    // Releasing a session can take milliseconds of the event loop: after the switch, not in it.
+    if (bad && bad !== slot.serving) setImmediate(() => void bad.model.dispose().catch(() => undefined));
     const failed = failedVersion === null ? s.failed : [...s.failed, { version: failedVersion, reason: reason.slice(0, 64), at: Date.now() }].slice(-64);
     this.transition(slot, 'idle', {
       serving: slot.serving?.version ?? null,
@@ -617,6 +631,9 @@ export class ModelManager implements ModelHost {
     });
     slot.watchStats = slot.serving ? new VersionStats(slot.serving.signed.manifest) : null;
     this.collect(slot);
+    // A version assigned while this one was on probation waited for the verdict.
+    if (slot.desired && slot.desired.version !== slot.serving?.version) this.kick(slot);
+    return switchMs;
   }
 
   /** Desired state names a version from this device's own stable history: verify, load, switch. */

@@ -32,9 +32,11 @@ export class ModelStore {
   constructor(stateDir: string) {
     this.root = join(stateDir, 'models');
     for (const d of ['blobs', 'manifests', 'views', 'slots', 'partial']) mkdirSync(join(this.root, d), { recursive: true, mode: 0o700 });
-    // Leftovers of a view that was being built when the process died.
-    for (const name of readdirSync(join(this.root, 'views'))) {
-      for (const entry of readdirSync(join(this.root, 'views', name))) if (entry.startsWith('.')) rmSync(join(this.root, 'views', name, entry), { recursive: true, force: true });
+    // Leftovers of a view being built, or of a view or manifest being removed, when the process died.
+    for (const dir of ['views', 'manifests']) {
+      for (const name of readdirSync(join(this.root, dir))) {
+        for (const entry of readdirSync(join(this.root, dir, name))) if (entry.startsWith('.')) rmSync(join(this.root, dir, name, entry), { recursive: true, force: true });
+      }
     }
   }
 
@@ -155,8 +157,14 @@ export class ModelStore {
       const base = join(this.root, dir, name);
       if (!existsSync(base)) continue;
       for (const entry of readdirSync(base)) {
+        if (entry.startsWith('.')) continue;
         const v = Number(entry.replace(/\.json$/, ''));
-        if (!ModelVersion.safeParse(v).success || !keep.has(v)) rmSync(join(base, entry), { recursive: true, force: true });
+        if (ModelVersion.safeParse(v).success && keep.has(v)) continue;
+        // Renamed aside first, so a crash part-way leaves no half-deleted view under a version's
+        // name (the constructor sweeps dot-entries).
+        const aside = join(base, `.${entry}.${process.pid}.del`);
+        renameSync(join(base, entry), aside);
+        rmSync(aside, { recursive: true, force: true });
       }
     }
     const referenced = new Set(wantedBlobs);

@@ -23,6 +23,7 @@ const manifest = (version: number): Manifest => ({
     probationRequests: 50,
     probationSec: 60,
     latencyRatioMax: 2,
+    latencySlackMs: 2,
     errorRateMax: 0.01,
     nanRateMax: 0,
     memoryGrowthMb: 64,
