@@ -64,7 +64,12 @@ interface Slot {
   again: boolean;
   abort: AbortController | null;
   watchStats: VersionStats | null;
+  /** Transient download failures in a row, for the backoff; not persisted. */
+  retries: number;
 }
+
+const RETRY_BASE_MS = 1000;
+const RETRY_CAP_MS = 5 * 60_000;
 
 /**
  * Owns every model slot on the device: reconciles toward desired state through the lifecycle in
@@ -247,7 +252,7 @@ export class ModelManager implements ModelHost {
   }
 
   private newSlot(state: SlotState): Slot {
-    return { state, desired: null, serving: null, previous: null, previousStats: null, shadow: null, probationStartedAt: 0, busy: null, again: false, abort: null, watchStats: null };
+    return { state, desired: null, serving: null, previous: null, previousStats: null, shadow: null, probationStartedAt: 0, busy: null, again: false, abort: null, watchStats: null, retries: 0 };
   }
 
   private transition(slot: Slot, to: SlotStateName, patch: Partial<SlotState> = {}, why?: Record<string, unknown>): void {
@@ -409,12 +414,16 @@ export class ModelManager implements ModelHost {
     } catch (err) {
       if (signal.aborted) return this.abandon(slot);
       const code = isEdgefleetError(err) ? err.code : 'EF_INTERNAL';
-      // A network failure is not the version's fault: try again on the next pass, not marked failed.
+      // A network failure (or a server error) is not the version's fault: on a flaky link it can
+      // last for days, so it is retried with backoff for as long as desired state names the
+      // version, and never marks it failed. Partial downloads resume where they stopped.
       const transient = !isEdgefleetError(err) || (code === 'EF_ARTIFACT_MISSING' && this.opts.fetch !== null);
-      if (transient && slot.state.attempts + 1 < this.opts.maxAttempts) {
-        this.opts.log.warn({ model: name, version: want, err }, 'model download failed; will retry');
-        this.transition(slot, 'idle', { attempts: slot.state.attempts + 1 }, { reason: 'retry', code, message: (err as Error).message });
-        const t = setTimeout(() => this.kick(slot), 2000 * 2 ** slot.state.attempts);
+      if (transient) {
+        slot.retries++;
+        const delay = Math.min(RETRY_CAP_MS, RETRY_BASE_MS * 2 ** Math.min(slot.retries, 20)) * (0.5 + Math.random() / 2);
+        this.opts.log.warn({ model: name, version: want, err, retryInSec: Math.round(delay / 1000) }, 'model download failed; will retry');
+        this.transition(slot, 'idle', {}, { reason: 'retry', code, message: (err as Error).message.slice(0, 300) });
+        const t = setTimeout(() => this.kick(slot), delay);
         t.unref();
         return;
       }
@@ -427,6 +436,7 @@ export class ModelManager implements ModelHost {
       if (verdict && !verdict.ok) return this.fail(slot, want, 'EF_HEALTH_FAILED', 'shadow', verdict);
     }
     if (signal.aborted) return this.abandon(slot);
+    slot.retries = 0;
     await this.activate(slot, signed);
   }
 

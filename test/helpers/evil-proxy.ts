@@ -21,6 +21,8 @@ export const EVIL_MODES = [
   'forged-endorsement',
   'tampered-manifest',
   'swap-version',
+  /** Every connection is cut before an answer: a link that is down. */
+  'drop',
 ] as const;
 export type EvilMode = (typeof EVIL_MODES)[number];
 
@@ -97,6 +99,11 @@ export async function startEvilProxy(upstream: string, target: EvilTarget, mode:
     const method = req.method ?? 'GET';
     const path = req.url ?? '/';
     const mode = proxy.mode;
+    if (mode === 'drop') {
+      requests.push({ method, path, status: 0, corrupted: false });
+      req.socket.destroy();
+      return;
+    }
     const manifestPath = `/v1/models/${encodeURIComponent(target.name)}/${target.version}/manifest`;
     const isManifest = method === 'GET' && path === manifestPath && MANIFEST_MODES.has(mode);
     const sha = /^\/v1\/artifacts\/([0-9a-f]{64})$/.exec(path)?.[1];

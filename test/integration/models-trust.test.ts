@@ -154,8 +154,8 @@ describe('model updates: bad input is refused with a coded reason; the device ke
 
   it.each(corruptions)('%s → %s: %s', async (mode, code) => {
     const proxy = await startEvilProxy(fleet.artifactsUrl, { name: 'iris', version: v2.version, sha256s: v2Only, swapWith: v1.version, trustedKeyId: keyIdOf(fleet.publicKey) }, mode);
-    // maxAttempts 1: none of these refusals is transient, but should the proxy itself fail, the
-    // agent would retry after 2 s, 4 s... and the case would time out instead of naming the code.
+    // maxAttempts 1: none of these refusals may count as transient (a transient failure is retried,
+    // never counted, and the case would time out instead of naming the code).
     const h = await deviceOnV1({ artifactsUrl: proxy.url, maxAttempts: 1 });
     expect(proxy.corrupted()).toBe(0);
 
@@ -166,6 +166,18 @@ describe('model updates: bad input is refused with a coded reason; the device ke
     expect(proxy.requests.every((r) => r.status === 200 || r.status === 206)).toBe(true);
     // Bad bytes are never adopted into the blob store.
     for (const sha of v2Only) expect(blobExists(h.stateDir, sha)).toBe(false);
+  });
+
+  it('a link that drops is retried with backoff and never held against the version', async () => {
+    const proxy = await startEvilProxy(fleet.artifactsUrl, { name: 'iris', version: v2.version, sha256s: v2Only }, 'pass');
+    const h = await deviceOnV1({ artifactsUrl: proxy.url, maxAttempts: 1 });
+    proxy.mode = 'drop';
+    await assign(fleet, 'iris', v2.version, [h.cred.username]);
+    await waitFor('two dropped attempts', () => proxy.requests.filter((r) => r.status === 0).length >= 2, 20_000);
+    expect(h.agent.models.slotState('iris')).toMatchObject({ serving: v1.version, failed: [] });
+    proxy.mode = 'pass';
+    await trafficUntil(h.agent, 'iris', 'iris@2 committed once the link is back', () => serving(h.agent, 'iris', v2.version), 30_000);
+    expect(h.agent.models.slotState('iris')?.failed).toEqual([]);
   });
 
   it('too large for the device (models.maxModelBytes) → EF_ARTIFACT_TOO_LARGE, before any byte of it is downloaded', async () => {
