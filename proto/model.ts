@@ -108,7 +108,7 @@ export const HealthPolicy = z
     probationRequests: z.number().int().min(0).max(1_000_000).default(50),
     probationSec: z.number().min(0).max(7 * 86_400).default(60),
     latencyP95Ms: z.number().positive().optional(),
-    /** Largest allowed p95 over the previous version's p95 on this device. */
+    /** Largest allowed p95 over the previous version's p95 on this device (the p50 must have moved as much too). */
     latencyRatioMax: z.number().min(1).default(2),
     /** A p95 within this many ms of the previous version's never counts against it: scheduling noise on a busy device. */
     latencySlackMs: z.number().min(0).default(2),

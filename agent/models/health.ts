@@ -115,10 +115,18 @@ export class VersionStats {
   }
 
   p95(): number | null {
+    return this.quantile(0.95);
+  }
+
+  p50(): number | null {
+    return this.quantile(0.5);
+  }
+
+  private quantile(q: number): number | null {
     const n = Math.min(this.latencyCount, LATENCY_RING);
     if (n < 20) return null;
     const sorted = this.latencies.slice(0, n).sort();
-    return sorted[Math.min(n - 1, Math.floor(n * 0.95))] as number;
+    return sorted[Math.min(n - 1, Math.floor(n * q))] as number;
   }
 
   psi(): Record<string, number> {
@@ -189,8 +197,19 @@ export function judge(policy: HealthPolicy, stats: VersionStats, previous: Versi
   if (growth > policy.memoryGrowthMb) failures.push({ check: 'memory', value: round(growth), limit: policy.memoryGrowthMb });
   if (enough && p95 !== null) {
     if (policy.latencyP95Ms !== undefined && p95 > policy.latencyP95Ms) failures.push({ check: 'latency', value: round(p95), limit: policy.latencyP95Ms });
-    if (prevP95 !== null && prevP95 > 0 && p95 > prevP95 * policy.latencyRatioMax && p95 - prevP95 > policy.latencySlackMs) {
-      failures.push({ check: 'latency-vs-previous', value: round(p95 / prevP95), limit: policy.latencyRatioMax, detail: `p95 ${round(p95)} ms against ${round(prevP95)} ms` });
+    // Against the previous version, the median must have moved too: a busy device stretches the
+    // tail of every version alike (the two were measured at different times), a slower model
+    // moves the whole distribution.
+    const p50 = stats.p50() ?? 0;
+    const prevP50 = previous?.p50() ?? null;
+    const slower = (a: number, b: number): boolean => a > b * policy.latencyRatioMax && a - b > policy.latencySlackMs;
+    if (prevP95 !== null && prevP50 !== null && prevP95 > 0 && slower(p95, prevP95) && slower(p50, prevP50)) {
+      failures.push({
+        check: 'latency-vs-previous',
+        value: round(p95 / prevP95),
+        limit: policy.latencyRatioMax,
+        detail: `p95 ${round(p95)} ms against ${round(prevP95)} ms, p50 ${round(p50)} ms against ${round(prevP50)} ms`,
+      });
     }
   }
   if (enough) {

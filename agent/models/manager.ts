@@ -1,5 +1,3 @@
-import { existsSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { randomBytes } from 'node:crypto';
 import {
@@ -7,7 +5,6 @@ import {
   isEdgefleetError,
   manifestSha256,
   modelRef,
-  verifySignedManifest,
   type Manifest,
   type ModelSlot,
   type ModelSlotReport,
@@ -15,7 +12,6 @@ import {
   type SignedManifest,
 } from '../../proto/index.js';
 import type { Logger } from '../../common/log.js';
-import { writeFileAtomic } from '../../common/files.js';
 import { loadModel, runGolden } from '../runtime/load.js';
 import { checkInChild } from '../runtime/child-check.js';
 import { validateInputs } from '../runtime/tensor.js';
@@ -25,6 +21,7 @@ import { fetchFile, fetchManifest, type FetchAuth, type FetchStats } from './fet
 import { judge, VersionStats, type Verdict } from './health.js';
 import { canTransition, ON_RESTART, SlotState, newSlotState, type SlotStateName } from './lifecycle.js';
 import { ModelStore } from './store.js';
+import { Trust } from './trust.js';
 
 export interface ModelManagerOptions {
   stateDir: string;
@@ -78,8 +75,7 @@ const RETRY_CAP_MS = 5 * 60_000;
 export class ModelManager implements ModelHost {
   private readonly store: ModelStore;
   private readonly slots = new Map<string, Slot>();
-  private readonly trusted: string[];
-  private readonly keysFile: string;
+  private readonly trust: Trust;
   private readonly prefix = randomBytes(4).toString('hex');
   private counter = 0;
   private checkTimer: NodeJS.Timeout | null = null;
@@ -89,9 +85,7 @@ export class ModelManager implements ModelHost {
 
   constructor(private readonly opts: ModelManagerOptions) {
     this.store = new ModelStore(opts.stateDir);
-    this.keysFile = join(this.store.root, 'trusted-keys.json');
-    const learned = existsSync(this.keysFile) ? (JSON.parse(readFileSync(this.keysFile, 'utf8')) as string[]) : [];
-    this.trusted = [...new Set([...opts.trustedKeys, ...learned])];
+    this.trust = new Trust(this.store.root, opts.trustedKeys, (keys) => opts.report('event', 'fleet.key.learned', { keys }));
   }
 
   /** Restores every slot from disk, finishes or undoes interrupted steps, verifies and loads what serves. */
@@ -106,7 +100,6 @@ export class ModelManager implements ModelHost {
     this.verified = true;
     this.checkTimer = setInterval(() => this.periodic(), this.opts.checkIntervalMs);
     this.checkTimer.unref();
-    this.opts.onChange();
   }
 
   async stop(): Promise<void> {
@@ -189,8 +182,9 @@ export class ModelManager implements ModelHost {
       if (changed) slot.abort?.abort();
       this.kick(slot);
     }
+    // No report here: the agent reports after every applied desired state, and every transition
+    // that follows reports itself.
     for (const name of [...this.slots.keys()]) if (!(name in models)) this.track(this.remove(name));
-    this.opts.onChange();
   }
 
   /**
@@ -334,7 +328,7 @@ export class ModelManager implements ModelHost {
   private async loadVerified(name: string, version: number): Promise<Running> {
     const signed = this.store.loadManifest(name, version);
     if (!signed) throw new EdgefleetError('EF_ARTIFACT_MISSING', `${modelRef(name, version)}: no stored manifest`);
-    this.verifySignature(signed);
+    this.trust.verify(signed);
     this.store.buildView(signed.manifest);
     this.store.verifyVersion(signed.manifest);
     return this.load(signed);
@@ -344,15 +338,6 @@ export class ModelManager implements ModelHost {
     const m = signed.manifest;
     const model = await loadModel(m, this.store.viewDir(m.name, m.version));
     return { version: m.version, signed, model, stats: new VersionStats(m) };
-  }
-
-  private verifySignature(signed: SignedManifest): void {
-    const { learnedKeys } = verifySignedManifest(signed, this.trusted);
-    if (learnedKeys.length > 0) {
-      this.trusted.push(...learnedKeys);
-      writeFileAtomic(this.keysFile, JSON.stringify(this.trusted.filter((k) => !this.opts.trustedKeys.includes(k))), 0o600);
-      this.opts.report('event', 'fleet.key.learned', { keys: learnedKeys.length });
-    }
   }
 
   private kick(slot: Slot): void {
@@ -400,7 +385,8 @@ export class ModelManager implements ModelHost {
     try {
       if (!this.opts.fetch) throw new EdgefleetError('EF_ARTIFACT_MISSING', 'no artifact server configured (models.artifactsUrl)');
       signed = await fetchManifest(this.opts.fetch, name, want, signal);
-      this.checkTrust(slot, signed, want);
+      const st = slot.state;
+      this.trust.admit(signed, { name, version: want, manifestSha256: slot.desired?.manifestSha256, floor: st.floor, stable: st.stable, maxModelBytes: this.opts.maxModelBytes, now: Date.now() });
       this.store.saveManifest(signed);
       for (const f of signed.manifest.files) await fetchFile(this.store, this.opts.fetch, f, this.fetchStats, signal);
       if (signal.aborted) return this.abandon(slot);
@@ -438,20 +424,6 @@ export class ModelManager implements ModelHost {
     if (signal.aborted) return this.abandon(slot);
     slot.retries = 0;
     await this.activate(slot, signed);
-  }
-
-  private checkTrust(slot: Slot, signed: SignedManifest, want: number): void {
-    const m = signed.manifest;
-    if (m.name !== slot.state.name || m.version !== want) throw new EdgefleetError('EF_MODEL_INVALID', `asked for ${modelRef(slot.state.name, want)}, got ${modelRef(m.name, m.version)}`);
-    this.verifySignature(signed);
-    const expect = slot.desired?.manifestSha256;
-    if (expect && manifestSha256(signed) !== expect) throw new EdgefleetError('EF_SIGNATURE_INVALID', `${modelRef(m.name, m.version)}: manifest is not the one desired state names`);
-    const bytes = m.files.reduce((a, f) => a + f.size, 0);
-    if (bytes > this.opts.maxModelBytes) throw new EdgefleetError('EF_ARTIFACT_TOO_LARGE', `${modelRef(m.name, m.version)} is ${bytes} bytes, above this device’s cap of ${this.opts.maxModelBytes}`);
-    if (m.expiresAt !== null && m.expiresAt <= Date.now()) throw new EdgefleetError('EF_MODEL_EXPIRED', `${modelRef(m.name, m.version)} expired at ${new Date(m.expiresAt).toISOString()}`);
-    if (m.version < slot.state.floor && !slot.state.stable.includes(m.version)) {
-      throw new EdgefleetError('EF_DOWNGRADE_REFUSED', `${modelRef(m.name, m.version)} is below this device’s floor ${slot.state.floor}`);
-    }
   }
 
   private abandon(slot: Slot): void {
@@ -504,7 +476,10 @@ export class ModelManager implements ModelHost {
   private finishShadow(slot: Slot): void {
     const sh = slot.shadow;
     if (!sh) return;
-    const verdict = judge(sh.run.signed.manifest.health, sh.run.stats, slot.serving?.stats ?? null, true);
+    // Shadow runs queue behind the answers the device returns, so their latency says nothing about
+    // the candidate's; latency is judged on probation, where the candidate serves.
+    const policy = { ...sh.run.signed.manifest.health, latencyP95Ms: undefined, latencyRatioMax: Infinity };
+    const verdict = judge(policy, sh.run.stats, slot.serving?.stats ?? null, true);
     const agreement = sh.total > 0 ? sh.agree / sh.total : 0;
     this.opts.report('event', 'model.shadow', { model: slot.state.name, version: sh.run.version, agreement, requests: sh.total, verdict });
     sh.done(verdict);
