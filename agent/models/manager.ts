@@ -45,6 +45,16 @@ interface Running {
   signed: SignedManifest;
   model: LoadedModel;
   stats: VersionStats;
+  /** Requests running on it now; a retired version is released when the last one ends. */
+  inflight: number;
+  retired: boolean;
+}
+
+/** Releases a version no longer served, once nothing runs on it (and never in the middle of a switch). */
+function retire(run: Running): void {
+  if (run.retired) return;
+  run.retired = true;
+  if (run.inflight === 0) setImmediate(() => void run.model.dispose().catch(() => undefined));
 }
 
 interface Slot {
@@ -143,6 +153,7 @@ export class ModelManager implements ModelHost {
     const requestId = opts?.requestId ?? `${this.prefix}-${(++this.counter).toString(36)}`;
     const t0 = performance.now();
     let outputs: TensorMap;
+    run.inflight++;
     try {
       outputs = await run.model.run(inputs);
     } catch (err) {
@@ -150,6 +161,8 @@ export class ModelManager implements ModelHost {
       slot.watchStats?.error();
       this.afterRequest(slot, run);
       throw new EdgefleetError('EF_RUNTIME_FAILED', `${modelRef(name, run.version)}: ${(err as Error).message}`, { cause: err });
+    } finally {
+      if (--run.inflight === 0 && run.retired) void run.model.dispose().catch(() => undefined);
     }
     const ms = performance.now() - t0;
     run.stats.observe(ms, outputs);
@@ -199,7 +212,7 @@ export class ModelManager implements ModelHost {
     slot.abort?.abort();
     slot.shadow?.done(null);
     await slot.busy;
-    for (const r of [slot.serving, slot.previous]) if (r) await r.model.dispose().catch(() => undefined);
+    for (const r of [slot.serving, slot.previous]) if (r) retire(r);
     slot.serving = slot.previous = null;
     this.store.collect(name, new Set());
     this.store.removeSlot(name);
@@ -337,7 +350,7 @@ export class ModelManager implements ModelHost {
   private async load(signed: SignedManifest): Promise<Running> {
     const m = signed.manifest;
     const model = await loadModel(m, this.store.viewDir(m.name, m.version));
-    return { version: m.version, signed, model, stats: new VersionStats(m) };
+    return { version: m.version, signed, model, stats: new VersionStats(m), inflight: 0, retired: false };
   }
 
   private kick(slot: Slot): void {
@@ -445,7 +458,7 @@ export class ModelManager implements ModelHost {
     return new Promise<Verdict | null>((resolve) => {
       const done = (v: Verdict | null): void => {
         slot.shadow = null;
-        void run.model.dispose().catch(() => undefined);
+        retire(run);
         resolve(v);
       };
       slot.shadow = { run, left: requests, agree: 0, total: 0, done };
@@ -459,14 +472,21 @@ export class ModelManager implements ModelHost {
     if (!sh || sh.left <= 0) return;
     sh.left--;
     const t0 = performance.now();
-    sh.run.model.run(inputs).then(
+    const run = sh.run;
+    run.inflight++;
+    const finished = (): void => {
+      if (--run.inflight === 0 && run.retired) void run.model.dispose().catch(() => undefined);
+    };
+    run.model.run(inputs).then(
       (out) => {
+        finished();
         sh.run.stats.observe(performance.now() - t0, out);
         sh.total++;
         if (agrees(served, out)) sh.agree++;
         if (sh.left === 0 && sh.total === sh.run.stats.requests - sh.run.stats.errors) this.finishShadow(slot);
       },
       () => {
+        finished();
         sh.run.stats.error();
         if (sh.left === 0) this.finishShadow(slot);
       },
@@ -549,7 +569,7 @@ export class ModelManager implements ModelHost {
     this.opts.report('event', 'model.verdict', { model: slot.state.name, ...lastVerdict });
     const prev = slot.previous;
     slot.previous = null;
-    if (prev) void prev.model.dispose().catch(() => undefined);
+    if (prev) retire(prev);
     const next = this.committed(slot.state);
     this.transition(slot, 'idle', next);
     slot.watchStats = new VersionStats(run.signed.manifest);
@@ -605,7 +625,7 @@ export class ModelManager implements ModelHost {
       slot.serving = null;
     }
     // Releasing a session can take milliseconds of the event loop: after the switch, not in it.
-    if (bad && bad !== slot.serving) setImmediate(() => void bad.model.dispose().catch(() => undefined));
+    if (bad && bad !== slot.serving) retire(bad);
     const failed = failedVersion === null ? s.failed : [...s.failed, { version: failedVersion, reason: reason.slice(0, 64), at: Date.now() }].slice(-64);
     this.transition(slot, 'idle', {
       serving: slot.serving?.version ?? null,
@@ -627,7 +647,7 @@ export class ModelManager implements ModelHost {
     this.transition(slot, 'activating', { candidate: version });
     const old = slot.serving;
     slot.serving = run;
-    if (old) void old.model.dispose().catch(() => undefined);
+    if (old) retire(old);
     this.transition(slot, 'probation', { serving: version });
     slot.probationStartedAt = Date.now();
     slot.previousStats = old?.stats ?? null;

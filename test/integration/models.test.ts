@@ -3,7 +3,7 @@
  * by the project's code, an agent that downloads, verifies, stages in a child process, probates
  * on live traffic, commits or rolls back, and reports through its outbox.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { loadModel } from '../../agent/runtime/load.js';
@@ -22,7 +22,7 @@ describe('models end to end', () => {
     const fleet = await startModelFleet();
     const v1 = await publishModel(fleet, models.good.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK });
     expect(v1.version).toBe(1);
-    const { agent, url, cred } = await startModelAgent(fleet);
+    const { agent, url, cred, stateDir } = await startModelAgent(fleet);
     await assign(fleet, 'iris', 1, [cred.username]);
     await trafficUntil(agent, 'iris', 'iris@1 committed', () => serving(agent, 'iris', 1));
 
@@ -63,6 +63,13 @@ describe('models end to end', () => {
     // Desired state naming a version from the device's own history: a local rollback.
     await assign(fleet, 'iris', 1, [cred.username]);
     await trafficUntil(agent, 'iris', 'back on iris@1', () => serving(agent, 'iris', 1));
+
+    // Taken out of desired state: no longer served, and its files go.
+    await fleet.admin.call('desired.set', { deviceId: cred.username, patch: [{ op: 'remove', path: '/models/iris' }] });
+    await waitFor('iris removed', async () => (await inferHttp(url, 'iris', [5, 3, 1.5, 0.2])).status === 404);
+    expect(agent.models.models()).toEqual([]);
+    await waitFor('files collected', () => readdirSync(join(stateDir, 'models', 'blobs')).length === 0);
+    expect(readdirSync(join(stateDir, 'models', 'slots'))).toEqual([]);
   }, 120_000);
 
   it('at start-up nothing serves before it verifies; a corrupted active version gives way to the newest stable one, and the device says so', async () => {
