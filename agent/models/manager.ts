@@ -73,6 +73,8 @@ interface Slot {
   watchStats: VersionStats | null;
   /** Transient download failures in a row, for the backoff; not persisted. */
   retries: number;
+  /** A rollback is under way (its cold load happens before the state says so). */
+  rollingBack: boolean;
 }
 
 const RETRY_BASE_MS = 1000;
@@ -259,7 +261,7 @@ export class ModelManager implements ModelHost {
   }
 
   private newSlot(state: SlotState): Slot {
-    return { state, desired: null, serving: null, previous: null, previousStats: null, shadow: null, probationStartedAt: 0, busy: null, again: false, abort: null, watchStats: null, retries: 0 };
+    return { state, desired: null, serving: null, previous: null, previousStats: null, shadow: null, probationStartedAt: 0, busy: null, again: false, abort: null, watchStats: null, retries: 0, rollingBack: false };
   }
 
   private transition(slot: Slot, to: SlotStateName, patch: Partial<SlotState> = {}, why?: Record<string, unknown>): void {
@@ -343,8 +345,17 @@ export class ModelManager implements ModelHost {
     if (!signed) throw new EdgefleetError('EF_ARTIFACT_MISSING', `${modelRef(name, version)}: no stored manifest`);
     this.trust.verify(signed);
     this.store.buildView(signed.manifest);
-    this.store.verifyVersion(signed.manifest);
-    return this.load(signed);
+    // The runtime opens the files while they are re-hashed here: session creation runs off the
+    // main thread, so the two overlap. The files came into the store verified; this pass catches
+    // a disk that changed them since, and nothing is served unless it passes.
+    const loading = this.load(signed);
+    try {
+      this.store.verifyVersion(signed.manifest);
+    } catch (err) {
+      loading.then(retire, () => undefined);
+      throw err;
+    }
+    return loading;
   }
 
   private async load(signed: SignedManifest): Promise<Running> {
@@ -373,7 +384,7 @@ export class ModelManager implements ModelHost {
   private async drive(slot: Slot): Promise<void> {
     const s = slot.state;
     const want = slot.desired?.version;
-    if (want === undefined || this.closed) return;
+    if (want === undefined || this.closed || slot.rollingBack) return; // a rollback kicks again when it ends
     if (s.state === 'probation') return; // the window decides; a new desired version waits for it
     if (slot.serving?.version === want && s.state === 'idle') return;
     if (s.failed.some((f) => f.version === want)) return; // failed here: only a new version moves the slot
@@ -548,7 +559,7 @@ export class ModelManager implements ModelHost {
 
   private checkProbation(slot: Slot): void {
     const run = slot.serving;
-    if (!run || slot.state.state !== 'probation') return;
+    if (!run || slot.state.state !== 'probation' || slot.rollingBack) return;
     const policy = run.signed.manifest.health;
     const elapsed = (Date.now() - slot.probationStartedAt) / 1000;
     // The window closes when both its requests and its seconds have passed; with too little
@@ -580,7 +591,7 @@ export class ModelManager implements ModelHost {
   private checkWatch(slot: Slot): void {
     const run = slot.serving;
     const stats = slot.watchStats;
-    if (!run || !stats) return;
+    if (!run || !stats || slot.rollingBack) return;
     slot.watchStats = new VersionStats(run.signed.manifest);
     const verdict = judge(run.signed.manifest.health, stats, slot.previousStats, true);
     if (verdict.ok) return;
@@ -594,25 +605,20 @@ export class ModelManager implements ModelHost {
    */
   private async rollBack(slot: Slot, verdict: Verdict, reason: string): Promise<number> {
     const s = slot.state;
-    if (s.state === 'rolling_back') return 0;
+    if (s.state === 'rolling_back' || slot.rollingBack) return 0;
+    slot.rollingBack = true;
     const t0 = performance.now();
     const failedVersion = s.state === 'probation' || s.state === 'activating' ? (s.candidate ?? slot.serving?.version ?? null) : (slot.serving?.version ?? null);
     const back = s.stable.find((v) => v !== failedVersion) ?? null;
     const bad = slot.serving?.version === failedVersion ? slot.serving : null;
-    let switchMs = 0;
-    // Warm: the switch comes first, before anything is written. A crash before the state below is
-    // persisted finds `probation` on disk, which a restart also rolls back (ON_RESTART).
+    // The switch comes first, before anything is written: a pointer swap when the stable version is
+    // still loaded (warm), else a verified load from disk (cold) while the bad version answers. A
+    // crash before the state below is persisted finds `probation` on disk, which a restart also
+    // rolls back (ON_RESTART), or, after commit, the regressed version, which the watch catches again.
     if (slot.previous && slot.previous.version === back) {
       slot.serving = slot.previous;
       slot.previous = null;
-      switchMs = performance.now() - t0;
-    }
-    const lastVerdict = { version: failedVersion, ok: false, reason, failures: verdict.failures, figures: verdict.figures ?? null };
-    this.transition(slot, 'rolling_back', { lastVerdict }, { reason });
-    this.opts.report('event', 'model.verdict', { model: s.name, ...lastVerdict, rolledBackTo: back });
-    this.opts.log.error({ model: s.name, version: failedVersion, back, failures: verdict.failures }, `model ${modelRef(s.name, failedVersion ?? 0)} rolled back: ${reason}`);
-    if (slot.serving === bad && back !== null) {
-      // Cold: verify and load the stable version from disk; the bad one answers until it is ready.
+    } else if (back !== null && slot.serving === bad) {
       try {
         slot.serving = await this.loadVerified(s.name, back);
       } catch (err) {
@@ -620,11 +626,14 @@ export class ModelManager implements ModelHost {
         slot.serving = null;
         await this.serveVerified(slot);
       }
-      switchMs = performance.now() - t0;
     } else if (back === null) {
       slot.serving = null;
     }
-    // Releasing a session can take milliseconds of the event loop: after the switch, not in it.
+    const switchMs = performance.now() - t0;
+    const lastVerdict = { version: failedVersion, ok: false, reason, failures: verdict.failures, figures: verdict.figures ?? null };
+    this.transition(slot, 'rolling_back', { lastVerdict }, { reason });
+    this.opts.report('event', 'model.verdict', { model: s.name, ...lastVerdict, rolledBackTo: slot.serving?.version ?? null });
+    this.opts.log.error({ model: s.name, version: failedVersion, back, failures: verdict.failures }, `model ${modelRef(s.name, failedVersion ?? 0)} rolled back: ${reason}`);
     if (bad && bad !== slot.serving) retire(bad);
     const failed = failedVersion === null ? s.failed : [...s.failed, { version: failedVersion, reason: reason.slice(0, 64), at: Date.now() }].slice(-64);
     this.transition(slot, 'idle', {
@@ -634,6 +643,7 @@ export class ModelManager implements ModelHost {
       attempts: 0,
       failed,
     });
+    slot.rollingBack = false;
     slot.watchStats = slot.serving ? new VersionStats(slot.serving.signed.manifest) : null;
     this.collect(slot);
     // A version assigned while this one was on probation waited for the verdict.

@@ -6,6 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { ModelDraftInput } from '../../proto/index.js';
+import { irisSamples } from '../../scripts/train-iris.js';
 import { cleanup, waitFor } from '../helpers/fleet.js';
 import {
   ALL_ROWS,
@@ -156,16 +157,17 @@ describe('after commit', () => {
   it('the watch goes on, and a sustained regression rolls back when the manifest says so', async () => {
     const { good } = await irisModels();
     const before = agent.models.slotState('iris')?.serving;
-    const v = await tryVersion(good.dir, { healthPolicy: { ...POLICY, watchWindowRequests: 30, afterCommit: 'rollback', memoryGrowthMb: 48 } });
+    const v = await tryVersion(good.dir, { healthPolicy: { ...POLICY, watchWindowRequests: 60, afterCommit: 'rollback' } });
     expect(agent.models.slotState('iris')?.serving).toBe(v);
-    // Committed; now it starts to leak (made in this process, which is the agent's).
-    const held: Buffer[] = [];
-    for (let i = 0; i < 12; i++) held.push(Buffer.alloc(16 * 1024 * 1024, i + 1));
-    await trafficUntil(agent, 'iris', 'rolled back after commit', () => agent.models.slotState('iris')?.serving === before);
-    held.length = 0;
+    // Committed; now the traffic drifts: only one kind of flower arrives, far from the baseline.
+    const { features } = irisSamples();
+    for (let i = 0; i < 200 && agent.models.slotState('iris')?.serving !== before; i++) {
+      await agent.models.infer('iris', { features: { dtype: 'float32', shape: [1, 4], data: Float32Array.from(features[i % 50] as number[]) } }).catch(() => undefined);
+    }
+    await waitFor('rolled back after commit', () => serving(agent, 'iris', before ?? 0));
     const s = agent.models.slotState('iris');
     expect(s?.failed.map((f) => f.version)).toContain(v);
-    expect(s?.lastVerdict).toMatchObject({ version: v, reason: 'regression after commit' });
+    expect(s?.lastVerdict).toMatchObject({ version: v, reason: 'regression after commit', failures: [{ check: 'psi' }] });
     await waitFor('regression reported', async () => {
       const t = await fleet.admin.call('telemetry.list', { deviceId, limit: 500 });
       return t.records.some((r) => r.type === 'model.regression' && (r.body as { version: number }).version === v);
