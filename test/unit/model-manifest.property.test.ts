@@ -56,7 +56,7 @@ function leaves(v: unknown, path: (string | number)[] = []): (string | number)[]
   if (v === null || typeof v !== 'object') return [path];
   return Object.entries(v).flatMap(([k, c]) => leaves(c, [...path, Array.isArray(v) ? Number(k) : k]));
 }
-const manifestLeaves = leaves(JSON.parse(text).manifest).map((p) => ['manifest', ...p]);
+const manifestLeaves = leaves((JSON.parse(text) as { manifest: unknown }).manifest).map((p) => ['manifest', ...p]);
 
 describe('signed manifests as outside input', () => {
   it('the untouched manifest verifies, round-tripped through JSON', () => {
