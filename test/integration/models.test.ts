@@ -110,6 +110,31 @@ describe('models end to end', () => {
     });
   }, 120_000);
 
+  it('key rotation: a device provisioned with the old fleet key trusts versions signed by the new one, and keeps trusting them after a restart', async () => {
+    const models = await irisModels();
+    const fleet = await startModelFleet();
+    const opts = { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK };
+    await publishModel(fleet, models.good.dir, opts);
+    const first = await startModelAgent(fleet); // trusts the first key only
+    const { cred, stateDir } = first;
+    await assign(fleet, 'iris', 1, [cred.username]);
+    await trafficUntil(first.agent, 'iris', 'iris@1 committed', () => serving(first.agent, 'iris', 1));
+
+    const rotated = await fleet.admin.call('keys.rotate', {});
+    expect(rotated.previousKeyId).not.toBe(rotated.keyId);
+    const v2 = await publishModel(fleet, models.good2.dir, opts);
+    const shown = await fleet.admin.call('models.show', { name: 'iris', version: v2.version });
+    expect(shown.signed.signature.keyId).toBe(rotated.keyId);
+    await assign(fleet, 'iris', v2.version, [cred.username]);
+    await trafficUntil(first.agent, 'iris', 'iris@2 committed', () => serving(first.agent, 'iris', v2.version));
+    await first.agent.stop();
+
+    // After a restart it verifies iris@2 before serving it, with the key it learned.
+    const again = await startModelAgent(fleet, { cred, stateDir, trustedKeys: [fleet.publicKey] });
+    expect(again.agent.models.active('iris')?.version).toBe(v2.version);
+    expect(JSON.parse(readFileSync(join(stateDir, 'models', 'trusted-keys.json'), 'utf8'))).toEqual([rotated.publicKey]);
+  }, 120_000);
+
   it('shadow: the candidate scores live requests first, its answers are not returned, agreement is reported', async () => {
     const models = await irisModels();
     const fleet = await startModelFleet();
