@@ -74,7 +74,7 @@ export const AgentConfig = z
         trustedKeysFile: z.string().optional().describe('file with one fleet public key per line (the fleet’s fleet-key.pub)'),
         keepStable: z.number().int().min(1).max(20).default(3).describe('stable versions kept per model for local rollback'),
         maxModelBytes: z.number().int().min(1024).default(1024 * 1024 * 1024).describe('largest model version (all its files) the agent downloads'),
-        maxAttempts: z.number().int().min(1).max(20).default(3).describe('restarts in the middle of a candidate’s lifecycle before it is marked failed (download failures are retried with backoff, never counted)'),
+        maxAttempts: z.number().int().min(1).max(20).default(3).describe('restarts while a candidate runs (staging, shadow, activation, probation) before it is marked failed; downloads are retried with backoff and never counted'),
         childCheckTimeoutSec: z.number().min(1).default(120).describe('longest a candidate may take to load and run its golden vectors in the child process'),
         checkIntervalMs: z.number().int().min(10).default(1000).describe('milliseconds between health checks while a version is on probation'),
       })

@@ -35,14 +35,15 @@ export const TRANSITIONS: Record<SlotStateName, readonly SlotStateName[]> = {
 /**
  * What a restart does, by the state the file was left in. Before activation the stable version
  * never stopped serving, so the candidate is simply tried again; from activation on, the device
- * goes back to its last stable version first (conservative), then tries again. Either way the
- * attempt counter rises, and past `maxAttempts` the candidate is marked failed: a version that
- * crashes the agent cannot loop forever.
+ * goes back to its last stable version first (conservative), then tries again. Once the
+ * candidate has run (staging onwards) the attempt counter rises, and past `maxAttempts` the
+ * candidate is marked failed: a version that crashes the agent cannot loop forever. A restart
+ * during download or verification resumes without counting: nothing of the candidate ran.
  */
-export const ON_RESTART: Record<SlotStateName, 'nothing' | 'retry' | 'roll-back' | 'finish-commit' | 'finish-rollback' | 'finish-fail'> = {
+export const ON_RESTART: Record<SlotStateName, 'nothing' | 'resume' | 'retry' | 'roll-back' | 'finish-commit' | 'finish-rollback' | 'finish-fail'> = {
   idle: 'nothing',
-  downloading: 'retry',
-  verifying: 'retry',
+  downloading: 'resume',
+  verifying: 'resume',
   staging: 'retry',
   shadow: 'retry',
   activating: 'roll-back',

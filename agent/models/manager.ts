@@ -288,6 +288,10 @@ export class ModelManager implements ModelHost {
     const cand = s.candidate;
     const stableServing = s.stable[0] ?? null;
     switch (action) {
+      case 'resume':
+        // Nothing of the candidate ran yet: a power cut mid-download is not its fault.
+        slot.state = { ...s, state: 'idle', serving: stableServing, updatedAt: Date.now() };
+        break;
       case 'retry':
       case 'roll-back': {
         const attempts = s.attempts + 1;
