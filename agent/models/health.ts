@@ -178,7 +178,17 @@ export function psi(baseline: Histogram, counts: ArrayLike<number>, total: numbe
  * device. `final` is set at the end of a window: checks that need many samples (PSI, confidence,
  * latency) only count then, or once enough samples have arrived; error and NaN rates count at once.
  */
-export function judge(policy: HealthPolicy, stats: VersionStats, previous: VersionStats | null, final: boolean, rss = process.memoryUsage.rss()): Verdict {
+/** What the latency comparison needs of the previous version: its live stats, or the figures kept from its probation. */
+export interface LatencyRecord {
+  p50(): number | null;
+  p95(): number | null;
+}
+
+export function latencyRecord(figures: { p50Ms: number; p95Ms: number }): LatencyRecord {
+  return { p50: () => figures.p50Ms, p95: () => figures.p95Ms };
+}
+
+export function judge(policy: HealthPolicy, stats: VersionStats, previous: LatencyRecord | null, final: boolean, rss = process.memoryUsage.rss()): Verdict {
   const failures: CheckFailure[] = [];
   const p95 = stats.p95();
   const prevP95 = previous?.p95() ?? null;

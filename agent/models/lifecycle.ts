@@ -79,10 +79,15 @@ export const SlotState = z.object({
   /** Total transitions taken, for reports and crash-loop diagnosis. */
   transitions: z.number().int().min(0),
   lastVerdict: z.record(z.string(), z.unknown()).nullable(),
+  /**
+   * Each stable version's latency as measured here on its probation, kept so that a candidate is
+   * compared against it even when the agent restarted since (and has few fresh samples).
+   */
+  latency: z.array(z.object({ version: ModelVersion, p50Ms: z.number(), p95Ms: z.number() })).max(64).default([]),
   updatedAt: z.number(),
 });
 export type SlotState = z.infer<typeof SlotState>;
 
 export function newSlotState(name: string): SlotState {
-  return { name, state: 'idle', stable: [], serving: null, candidate: null, attempts: 0, failed: [], fallback: null, floor: 0, transitions: 0, lastVerdict: null, updatedAt: Date.now() };
+  return { name, state: 'idle', stable: [], serving: null, candidate: null, attempts: 0, failed: [], fallback: null, floor: 0, transitions: 0, lastVerdict: null, latency: [], updatedAt: Date.now() };
 }

@@ -18,7 +18,7 @@ import { validateInputs } from '../runtime/tensor.js';
 import type { LoadedModel, TensorMap } from '../runtime/types.js';
 import type { InferResult, ModelHost } from './host.js';
 import { fetchFile, fetchManifest, type FetchAuth, type FetchStats } from './fetch.js';
-import { judge, VersionStats, type Verdict } from './health.js';
+import { judge, latencyRecord, VersionStats, type LatencyRecord, type Verdict } from './health.js';
 import { canTransition, ON_RESTART, SlotState, newSlotState, type SlotStateName } from './lifecycle.js';
 import { ModelStore } from './store.js';
 import { Trust } from './trust.js';
@@ -64,7 +64,7 @@ interface Slot {
   /** While on probation: the previous stable version, loaded and warm, for an instant rollback. */
   previous: Running | null;
   /** The last stable version's record on this device, kept after it is unloaded, for the latency comparison. */
-  previousStats: VersionStats | null;
+  previousStats: LatencyRecord | null;
   shadow: { run: Running; left: number; agree: number; total: number; done: (v: Verdict | null) => void } | null;
   probationStartedAt: number;
   busy: Promise<void> | null;
@@ -540,7 +540,7 @@ export class ModelManager implements ModelHost {
     }
     // The switch: the previous version stays loaded until commit, so a rollback is a pointer swap.
     slot.previous = slot.serving;
-    slot.previousStats = slot.serving?.stats ?? slot.previousStats;
+    slot.previousStats = this.latencyOf(slot);
     slot.serving = run;
     slot.probationStartedAt = Date.now();
     this.transition(slot, 'probation', { serving: v });
@@ -577,6 +577,18 @@ export class ModelManager implements ModelHost {
     if (windowDone) this.commit(slot, verdict);
   }
 
+  /**
+   * The serving version's latency to compare a candidate against: what it did since the agent
+   * started, if that is enough samples, else what it did on its own probation here.
+   */
+  private latencyOf(slot: Slot): LatencyRecord | null {
+    const run = slot.serving;
+    if (!run) return slot.previousStats;
+    if (run.stats.p95() !== null) return run.stats;
+    const kept = slot.state.latency.find((l) => l.version === run.version);
+    return kept ? latencyRecord(kept) : null;
+  }
+
   private commit(slot: Slot, verdict: Verdict): void {
     const run = slot.serving as Running;
     const lastVerdict = { version: run.version, ok: true, figures: verdict.figures };
@@ -586,7 +598,11 @@ export class ModelManager implements ModelHost {
     slot.previous = null;
     if (prev) retire(prev);
     const next = this.committed(slot.state);
-    this.transition(slot, 'idle', next);
+    const p50 = run.stats.p50();
+    const p95 = run.stats.p95();
+    const latency = next.latency.filter((l) => l.version !== run.version && next.stable.includes(l.version));
+    if (p50 !== null && p95 !== null) latency.push({ version: run.version, p50Ms: p50, p95Ms: p95 });
+    this.transition(slot, 'idle', { ...next, latency });
     slot.watchStats = new VersionStats(run.signed.manifest);
     this.collect(slot);
     if (slot.desired?.version !== run.version) this.kick(slot);

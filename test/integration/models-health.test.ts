@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { ModelDraftInput } from '../../proto/index.js';
 import { irisSamples } from '../../scripts/train-iris.js';
-import { cleanup, waitFor } from '../helpers/fleet.js';
+import { cleanup, waitFor, type Credential } from '../helpers/fleet.js';
 import {
   ALL_ROWS,
   GOLDEN_ROWS,
@@ -31,6 +31,8 @@ let fleet: ModelFleet;
 let agent: Agent;
 let url: string;
 let deviceId: string;
+let stateDir: string;
+let cred: Credential;
 let reference: ModelDraftInput;
 
 beforeAll(async () => {
@@ -39,7 +41,7 @@ beforeAll(async () => {
   const v1 = await publishModel(fleet, models.good.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: POLICY });
   reference = v1.draft;
   const started = await startModelAgent(fleet);
-  ({ agent, url } = started);
+  ({ agent, url, stateDir, cred } = started);
   deviceId = started.cred.username;
   await assign(fleet, 'iris', 1, [deviceId]);
   await trafficUntil(agent, 'iris', 'iris@1 committed', () => serving(agent, 'iris', 1));
@@ -172,5 +174,24 @@ describe('after commit', () => {
       const t = await fleet.admin.call('telemetry.list', { deviceId, limit: 500 });
       return t.records.some((r) => r.type === 'model.regression' && (r.body as { version: number }).version === v);
     });
+  }, 120_000);
+});
+
+describe('after a restart', () => {
+  it('a slow version is still judged against the latency the stable one showed on its probation', async () => {
+    const { slow } = await irisModels();
+    const stable = agent.models.slotState('iris');
+    expect(stable?.latency.map((l) => l.version)).toContain(stable?.serving);
+    await agent.stop();
+    ({ agent, url } = await startModelAgent(fleet, { cred, stateDir }));
+    // Fresh process, and no traffic until the candidate is on probation: the stable version has
+    // served nothing here, so only the figures kept from its own probation can speak.
+    const { version: v } = await publishModel(fleet, slow.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: POLICY });
+    await assign(fleet, 'iris', v, [deviceId]);
+    await waitFor('slow on probation', () => agent.models.slotState('iris')?.state === 'probation', 60_000);
+    await trafficUntil(agent, 'iris', 'slow judged', () => agent.models.slotState('iris')?.state === 'idle');
+    const s = agent.models.slotState('iris');
+    expect(s?.serving).toBe(stable?.serving);
+    expect(s?.lastVerdict).toMatchObject({ version: v, failures: [{ check: 'latency-vs-previous' }] });
   }, 120_000);
 });
