@@ -32,7 +32,8 @@ import { FeedbackStore } from './api/feedback.js';
 import { startInferenceServer, type InferenceServer } from './api/http.js';
 
 /**
- * The device daemon. `start` brings up state, then runtimes, then the link, then the loops; `stop`
+ * The device daemon. `start` brings up state, then runtimes, then the models (verified before they
+ * serve) and the inference API, then the link, then the loops; `stop`
  * says goodbye (retained `offline`), drains the link and returns.
  */
 export class Agent {
@@ -355,7 +356,6 @@ export class Agent {
     await manager.start();
     if (cfg.api.enabled) {
       this.api = await startInferenceServer(manager, { host: cfg.api.host, port: cfg.api.port, socketPath: cfg.api.socketPath, maxBodyBytes: cfg.api.maxBodyBytes, log: this.log.child({ component: 'api' }) });
-      this.log.info({ url: this.api.url, socketPath: this.api.socketPath }, 'inference API listening');
     }
     // Version 0: the fleet has not spoken yet, so there is nothing to reconcile toward (and an empty
     // set of models must not be read as "remove every model").
