@@ -3,13 +3,14 @@
  * by the project's code, an agent that downloads, verifies, stages in a child process, probates
  * on live traffic, commits or rolls back, and reports through its outbox.
  */
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { loadModel } from '../../agent/runtime/load.js';
 import { Manifest } from '../../proto/index.js';
 import { irisSamples } from '../../scripts/train-iris.js';
-import { cleanup, waitFor } from '../helpers/fleet.js';
+import { cleanup, tempDir, waitFor } from '../helpers/fleet.js';
+import { SILERO_DIR, SILERO_FILE } from '../helpers/static-host.js';
 import { ALL_ROWS, GOLDEN_ROWS, assign, inferHttp, irisModels, irisVectorsFile, publishModel, serving, startModelAgent, startModelFleet, trafficUntil } from '../helpers/models.js';
 
 afterEach(cleanup);
@@ -133,6 +134,57 @@ describe('models end to end', () => {
     const again = await startModelAgent(fleet, { cred, stateDir, trustedKeys: [fleet.publicKey] });
     expect(again.agent.models.active('iris')?.version).toBe(v2.version);
     expect(JSON.parse(readFileSync(join(stateDir, 'models', 'trusted-keys.json'), 'utf8'))).toEqual([rotated.publicKey]);
+  }, 120_000);
+
+  it('several named models on one device: a real ONNX model (Silero VAD) beside the iris TF.js model, each answering as its runtime does', async () => {
+    const models = await irisModels();
+    const fleet = await startModelFleet();
+    const vadDir = tempDir('edgefleet-vad-');
+    copyFileSync(join(SILERO_DIR, SILERO_FILE), join(vadDir, SILERO_FILE));
+    const audio = Array.from({ length: 512 }, (_, i) => Math.sin(i / 8) * 0.3);
+    const vadInputs = { input: { shape: [1, 512], data: audio }, sr: { shape: [], data: [16000] }, h: { shape: [2, 1, 64], data: new Array<number>(128).fill(0) }, c: { shape: [2, 1, 64], data: new Array<number>(128).fill(0) } };
+    const golden = join(tempDir('edgefleet-vad-golden-'), 'golden.json');
+    writeFileSync(golden, JSON.stringify({ vectors: [{ inputs: vadInputs }] }));
+    await publishModel(fleet, vadDir, { name: 'vad', goldenInputs: golden, healthPolicy: { probationRequests: 20, probationSec: 0.5 } });
+    await publishModel(fleet, models.good.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK });
+    const { agent, url, cred } = await startModelAgent(fleet);
+    await assign(fleet, 'vad', 1, [cred.username]);
+    await assign(fleet, 'iris', 1, [cred.username]);
+
+    const vadRequest = JSON.stringify({
+      inputs: [
+        { name: 'input', shape: [1, 512], datatype: 'FP32', data: audio },
+        { name: 'sr', shape: [], datatype: 'INT64', data: [16000] },
+        { name: 'h', shape: [2, 1, 64], datatype: 'FP32', data: vadInputs.h.data },
+        { name: 'c', shape: [2, 1, 64], datatype: 'FP32', data: vadInputs.c.data },
+      ],
+    });
+    const inferVad = async (): Promise<{ status: number; body: { model_version?: string; outputs?: { name: string; data: number[] }[] } }> => {
+      const res = await fetch(`${url}/v2/models/vad/infer`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: vadRequest });
+      return { status: res.status, body: (await res.json()) as { model_version?: string; outputs?: { name: string; data: number[] }[] } };
+    };
+    await trafficUntil(agent, 'iris', 'both committed', () => {
+      inferVad().catch(() => undefined); // probation needs traffic on both
+      return serving(agent, 'iris', 1) && serving(agent, 'vad', 1);
+    });
+    expect(agent.models.models().sort()).toEqual(['iris', 'vad']);
+    expect((await fetch(`${url}/v2/health/ready`)).status).toBe(200);
+
+    // The VAD answers exactly what onnxruntime gives for the same file and inputs.
+    const ort = await import('onnxruntime-node');
+    const session = await ort.InferenceSession.create(join(SILERO_DIR, SILERO_FILE));
+    const direct = await session.run({
+      input: new ort.Tensor('float32', Float32Array.from(audio), [1, 512]),
+      sr: new ort.Tensor('int64', BigInt64Array.from([16000n]), []),
+      h: new ort.Tensor('float32', new Float32Array(128), [2, 1, 64]),
+      c: new ort.Tensor('float32', new Float32Array(128), [2, 1, 64]),
+    });
+    await session.release();
+    const res = await inferVad();
+    expect(res.status).toBe(200);
+    expect(res.body.model_version).toBe('1');
+    for (const name of ['output', 'hn', 'cn']) expect(Float32Array.from(res.body.outputs?.find((o) => o.name === name)?.data ?? [])).toEqual(direct[name]?.data);
+    expect((await inferHttp(url, 'iris', [6.7, 3.1, 4.4, 1.4])).body.model_version).toBe('1');
   }, 120_000);
 
   it('shadow: the candidate scores live requests first, its answers are not returned, agreement is reported', async () => {
