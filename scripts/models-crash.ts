@@ -20,7 +20,6 @@
  * Prints one JSON object as its last line; exits 1 on any violation.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -34,9 +33,10 @@ import { CLI_PROFILE_FILE, type CliProfile } from '../fleet-server/auth/bootstra
 import { FLEET_PUBLIC_KEY_FILE } from '../fleet-server/registry/keys.js';
 import { manifestSha256, verifySignedManifest, type ModelDraftInput, type SignedManifest } from '../proto/index.js';
 import { SlotState } from '../agent/models/lifecycle.js';
+import { sha256File } from '../common/files.js';
 import { OpsClient } from './ops-client.js';
 import { ArtifactClient } from './cli/artifacts.js';
-import { buildDraft, collectModelFiles } from './cli/publish.js';
+import { buildDraft, collectModelFiles, uploadModel } from './cli/publish.js';
 import { buildIrisModels, irisSamples } from './train-iris.js';
 
 const MODEL = 'iris';
@@ -138,10 +138,6 @@ function rng(seed: number): () => number {
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-function sha256File(path: string): string {
-  return createHash('sha256').update(readFileSync(path)).digest('hex');
-}
 
 function bump(m: Record<string, number>, k: string, by = 1): void {
   m[k] = (m[k] ?? 0) + by;
@@ -255,8 +251,7 @@ export async function modelsCrashLoop(opts: ModelsCrashOptions, agentMain = dist
       const files = await collectModelFiles(models[v].dir);
       // The NaN variant has no golden vectors (it would not reproduce any): the device finds it out on probation.
       const draft = await buildDraft(files, { name: MODEL, goldenInputs: v === 'nan' ? undefined : golden, health });
-      delete (draft as { version?: number }).version;
-      for (const f of files.files) await artifacts.upload(f.sha256, { path: join(files.dir, f.path), size: f.size });
+      await uploadModel(artifacts, files, draft);
       drafts[v] = draft;
     }
     const variantOf = new Map<number, Variant>();

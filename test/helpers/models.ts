@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Agent } from '../../agent/agent.js';
 import type { ModelDraftInput } from '../../proto/index.js';
-import { buildDraft, collectModelFiles, type DraftOptions } from '../../scripts/cli/publish.js';
+import { buildDraft, collectModelFiles, uploadModel, type DraftOptions } from '../../scripts/cli/publish.js';
 import { ArtifactClient } from '../../scripts/cli/artifacts.js';
 import { buildIrisModels, irisSamples, type IrisModel, type IrisVariant } from '../../scripts/train-iris.js';
 import { addDevice, startAgent, startFleet, tempDir, waitFor, type Credential, type FleetHandle } from './fleet.js';
@@ -50,6 +50,11 @@ export function irisVectorsFile(rows: number[]): string {
 export const GOLDEN_ROWS = [0, 1, 50, 51, 100, 101];
 export const ALL_ROWS = Array.from({ length: 150 }, (_, i) => i);
 
+/** How an iris version is published here: two golden rows per class, every row as the baseline, this policy. */
+export function irisPublish(healthPolicy: Record<string, unknown>): { name: string; goldenInputs: string; baselineInputs: string; healthPolicy: Record<string, unknown> } {
+  return { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy };
+}
+
 /**
  * Publishes a model directory as the CLI does: draft (runtime-computed golden outputs and
  * baselines), uploads, `models.publish`. `edit` may change the draft before it is signed: a test
@@ -67,11 +72,9 @@ export async function publishModel(
     writeFileSync(health, JSON.stringify(opts.healthPolicy));
   }
   const draft = await buildDraft(files, { ...opts, health });
-  delete (draft as { version?: number }).version;
   opts.edit?.(draft);
-  const client = new ArtifactClient(fleet.artifactsUrl, fleet.profile.username, fleet.profile.password);
-  for (const f of files.files) await client.upload(f.sha256, { path: join(dir, f.path), size: f.size });
-  const r = await fleet.admin.call('models.publish', draft);
+  const { params } = await uploadModel(new ArtifactClient(fleet.artifactsUrl, fleet.profile.username, fleet.profile.password), files, draft);
+  const r = await fleet.admin.call('models.publish', params);
   return { version: r.version, manifestSha256: r.manifestSha256, draft };
 }
 

@@ -14,6 +14,7 @@ import {
   assign,
   inferHttp,
   irisModels,
+  irisPublish,
   irisVectorsFile,
   publishModel,
   serving,
@@ -38,7 +39,7 @@ let reference: ModelDraftInput;
 beforeAll(async () => {
   const models = await irisModels();
   fleet = await startModelFleet();
-  const v1 = await publishModel(fleet, models.good.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: POLICY });
+  const v1 = await publishModel(fleet, models.good.dir, irisPublish(POLICY));
   reference = v1.draft;
   const started = await startModelAgent(fleet);
   ({ agent, url, stateDir, cred } = started);
@@ -187,7 +188,7 @@ describe('after a restart', () => {
     ({ agent, url } = await startModelAgent(fleet, { cred, stateDir }));
     // Fresh process, and no traffic until the candidate is on probation: the stable version has
     // served nothing here, so only the figures kept from its own probation can speak.
-    const { version: v } = await publishModel(fleet, slow.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: POLICY });
+    const { version: v } = await publishModel(fleet, slow.dir, irisPublish(POLICY));
     await assign(fleet, 'iris', v, [deviceId]);
     await waitFor('slow on probation', () => agent.models.slotState('iris')?.state === 'probation', 60_000);
     await trafficUntil(agent, 'iris', 'slow judged', () => agent.models.slotState('iris')?.state === 'idle');

@@ -11,7 +11,7 @@ import { Manifest } from '../../proto/index.js';
 import { irisSamples } from '../../scripts/train-iris.js';
 import { cleanup, tempDir, waitFor } from '../helpers/fleet.js';
 import { SILERO_DIR, SILERO_FILE } from '../helpers/static-host.js';
-import { ALL_ROWS, GOLDEN_ROWS, assign, inferHttp, irisModels, irisVectorsFile, publishModel, serving, startModelAgent, startModelFleet, trafficUntil } from '../helpers/models.js';
+import { assign, inferHttp, irisModels, irisPublish, publishModel, serving, startModelAgent, startModelFleet, trafficUntil } from '../helpers/models.js';
 
 afterEach(cleanup);
 
@@ -21,7 +21,7 @@ describe('models end to end', () => {
   it('publish, assign, download, verify, probate, commit, serve through the standard API; the fleet shows it', async () => {
     const models = await irisModels();
     const fleet = await startModelFleet();
-    const v1 = await publishModel(fleet, models.good.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK });
+    const v1 = await publishModel(fleet, models.good.dir, irisPublish(QUICK));
     expect(v1.version).toBe(1);
     const { agent, url, cred, stateDir } = await startModelAgent(fleet);
     await assign(fleet, 'iris', 1, [cred.username]);
@@ -56,7 +56,7 @@ describe('models end to end', () => {
     expect(d.reported?.models.iris).toMatchObject({ state: 'idle', active: 1, history: [1], failed: [], fallback: 1 });
 
     // A second good version commits too, and the first stays in the history for local rollback.
-    const v2 = await publishModel(fleet, models.good2.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK });
+    const v2 = await publishModel(fleet, models.good2.dir, irisPublish(QUICK));
     await assign(fleet, 'iris', v2.version, [cred.username]);
     await trafficUntil(agent, 'iris', 'iris@2 committed', () => serving(agent, 'iris', 2));
     expect(agent.models.slotState('iris')).toMatchObject({ stable: [2, 1], failed: [] });
@@ -76,7 +76,7 @@ describe('models end to end', () => {
   it('at start-up nothing serves before it verifies; a corrupted active version gives way to the newest stable one, and the device says so', async () => {
     const models = await irisModels();
     const fleet = await startModelFleet();
-    const opts = { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK };
+    const opts = irisPublish(QUICK);
     await publishModel(fleet, models.good.dir, opts);
     const v2 = await publishModel(fleet, models.good2.dir, opts);
     const first = await startModelAgent(fleet);
@@ -114,7 +114,7 @@ describe('models end to end', () => {
   it('key rotation: a device provisioned with the old fleet key trusts versions signed by the new one, and keeps trusting them after a restart', async () => {
     const models = await irisModels();
     const fleet = await startModelFleet();
-    const opts = { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK };
+    const opts = irisPublish(QUICK);
     await publishModel(fleet, models.good.dir, opts);
     const first = await startModelAgent(fleet); // trusts the first key only
     const { cred, stateDir } = first;
@@ -146,7 +146,7 @@ describe('models end to end', () => {
     const golden = join(tempDir('edgefleet-vad-golden-'), 'golden.json');
     writeFileSync(golden, JSON.stringify({ vectors: [{ inputs: vadInputs }] }));
     await publishModel(fleet, vadDir, { name: 'vad', goldenInputs: golden, healthPolicy: { probationRequests: 20, probationSec: 0.5 } });
-    await publishModel(fleet, models.good.dir, { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK });
+    await publishModel(fleet, models.good.dir, irisPublish(QUICK));
     const { agent, url, cred } = await startModelAgent(fleet);
     await assign(fleet, 'vad', 1, [cred.username]);
     await assign(fleet, 'iris', 1, [cred.username]);
@@ -190,7 +190,7 @@ describe('models end to end', () => {
   it('shadow: the candidate scores live requests first, its answers are not returned, agreement is reported', async () => {
     const models = await irisModels();
     const fleet = await startModelFleet();
-    const opts = { name: 'iris', goldenInputs: irisVectorsFile(GOLDEN_ROWS), baselineInputs: irisVectorsFile(ALL_ROWS), healthPolicy: QUICK };
+    const opts = irisPublish(QUICK);
     await publishModel(fleet, models.good.dir, opts);
     await publishModel(fleet, models.graph.dir, opts);
     const { agent, cred } = await startModelAgent(fleet);

@@ -3,6 +3,9 @@
  * manifest verifies only if it is exactly what a trusted key signed.
  */
 import { generateKeyPairSync } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {
@@ -17,7 +20,8 @@ import {
   verifySignedManifest,
   type ManifestInput,
 } from '../../proto/index.js';
-import { SlotState } from '../../agent/models/lifecycle.js';
+import { SlotState, newSlotState } from '../../agent/models/lifecycle.js';
+import { ModelStore } from '../../agent/models/store.js';
 
 const fleet = generateKeyPairSync('ed25519');
 const trusted = [rawPublicKey(fleet.publicKey).toString('base64')];
@@ -113,12 +117,24 @@ describe('signed manifests as outside input', () => {
 });
 
 describe('slot state files', () => {
-  it('anything on disk either parses as a slot state or is refused; nothing throws', () => {
+  it('whatever a slot file holds on disk, the store reads a valid state or nothing; it never throws', () => {
+    const store = new ModelStore(mkdtempSync(join(tmpdir(), 'edgefleet-slots-')));
+    const valid = JSON.stringify(newSlotState('iris'));
     fc.assert(
-      fc.property(fc.jsonValue(), (v) => {
-        const r = SlotState.safeParse(v);
-        expect(typeof r.success).toBe('boolean');
-      }),
+      fc.property(
+        fc.oneof(
+          fc.uint8Array({ maxLength: 512 }).map((b) => Buffer.from(b)),
+          fc.jsonValue().map((j) => Buffer.from(JSON.stringify(j) ?? '')),
+          fc.nat({ max: valid.length }).map((n) => Buffer.from(valid.slice(0, n))), // a torn write
+        ),
+        (bytes) => {
+          writeFileSync(join(store.root, 'slots', 'iris.json'), bytes);
+          const read = store.loadSlot('iris', SlotState);
+          if (read !== null) expect(SlotState.safeParse(read).success).toBe(true);
+          if (bytes.toString() === valid) expect(read).toEqual(JSON.parse(valid));
+        },
+      ),
     );
+    rmSync(join(store.root, '..'), { recursive: true, force: true });
   });
 });
