@@ -37,6 +37,12 @@ export const ERRORS = {
   EF_HEALTH_FAILED: 'the model version failed a health check',
   EF_INFER_INVALID: 'the inference request does not match the model’s signature',
   EF_MODEL_NOT_READY: 'no verified version of this model is being served',
+  EF_DELTA_CORRUPT: 'the patch is corrupt (a checksum, a length or an instruction is wrong)',
+  EF_DELTA_TRUNCATED: 'the patch ends before its end marker',
+  EF_DELTA_TOO_LARGE: 'the patch, or the file it would produce, exceeds a size cap',
+  EF_DELTA_WRONG_BASE: 'the patch was made against a different base file',
+  EF_DELTA_UNSUPPORTED: 'the patch uses a format version or codec this build does not know',
+  EF_DELTA_TARGET_MISMATCH: 'applying the patch did not produce the target sha256 it names',
 } as const;
 
 export type ErrorCode = keyof typeof ERRORS;

@@ -7,3 +7,4 @@ export * from './device.js';
 export * from './ops.js';
 export * from './telemetry.js';
 export * from './model.js';
+export { DeltaOffer } from './delta.js';
