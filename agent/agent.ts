@@ -347,6 +347,7 @@ export class Agent {
       maxAttempts: m.maxAttempts,
       childCheckTimeoutMs: m.childCheckTimeoutSec * 1000,
       checkIntervalMs: m.checkIntervalMs,
+      delta: m.delta ? { offerTimeoutMs: m.deltaOfferTimeoutSec * 1000 } : null,
       report: (cls, type, body) => this.track(this.report(cls, type, body)),
       onChange: () => this.reportedSoon(),
       log: this.log.child({ component: 'models' }),

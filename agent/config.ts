@@ -77,6 +77,8 @@ export const AgentConfig = z
         maxAttempts: z.number().int().min(1).max(20).default(3).describe('restarts while a candidate runs (staging, shadow, activation, probation) before it is marked failed; downloads are retried with backoff and never counted'),
         childCheckTimeoutSec: z.number().min(1).default(120).describe('longest a candidate may take to load and run its golden vectors in the child process'),
         checkIntervalMs: z.number().int().min(10).default(1000).describe('milliseconds between health checks while a version is on probation'),
+        delta: z.boolean().default(true).describe('ask the fleet for a patch against a file already held (or a compressed image) before downloading a whole model file'),
+        deltaOfferTimeoutSec: z.number().min(1).default(120).describe('longest to wait for the fleet to compute a patch before downloading the whole file instead'),
       })
       .prefault({}),
     api: z

@@ -55,6 +55,23 @@ export const ServerConfig = z
           .describe('how long a verified HTTP credential is remembered before its hash is checked again (0: on every request)'),
       })
       .prefault({}),
+    delta: z
+      .object({
+        enabled: z.boolean().default(true).describe('offer devices delta patches (and compressed images) of model files instead of whole files'),
+        minSavings: z
+          .number()
+          .min(0)
+          .max(0.9)
+          .default(0.1)
+          .describe('a patch is served only if at least this share smaller than the compressed image, and the image only if this much smaller than the file'),
+        cacheMaxBytes: z
+          .number()
+          .int()
+          .min(0)
+          .default(2 * 1024 * 1024 * 1024)
+          .describe('computed patches kept on disk (<dataDir>/deltas), least recently served dropped first'),
+      })
+      .prefault({}),
     signing: z
       .object({
         keyFile: z

@@ -19,6 +19,7 @@ import type { FleetStore } from './store/types.js';
 import { DesiredStateService } from './sync/desired.js';
 import { ArtifactStore } from './registry/blobs.js';
 import { ArtifactServer } from './registry/http.js';
+import { DeltaService } from './registry/deltas.js';
 import { FleetKeyring } from './registry/keys.js';
 import { setProfileArtifactsUrl } from './registry/profile.js';
 import { Registry } from './registry/registry.js';
@@ -101,7 +102,19 @@ export class FleetServer {
 
     const artifacts = new ArtifactServer(
       { host: cfg.artifacts.host, port: cfg.artifacts.port, maxFileBytes: cfg.artifacts.maxFileBytes, authCacheSec: cfg.artifacts.authCacheSec },
-      { store, registry, blobs, log: this.log.child({ component: 'artifacts' }), now: this.now },
+      {
+        store,
+        registry,
+        blobs,
+        deltas: cfg.delta.enabled
+          ? new DeltaService(
+              { dir: join(cfg.dataDir, 'deltas'), minSavings: cfg.delta.minSavings, cacheMaxBytes: cfg.delta.cacheMaxBytes },
+              { store, blobs, log: this.log.child({ component: 'deltas' }), now: this.now },
+            )
+          : null,
+        log: this.log.child({ component: 'artifacts' }),
+        now: this.now,
+      },
     );
     await artifacts.start();
     this.artifacts = artifacts;

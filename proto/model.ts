@@ -209,6 +209,24 @@ export const ModelSlot = z
 export type ModelSlot = z.infer<typeof ModelSlot>;
 
 /** What a device reports per model: `up/reported` `models[name]`. */
+/** What installing one version cost in bytes on the link, and what delta patches saved. */
+export const ModelTransfer = z
+  .object({
+    version: ModelVersion,
+    /** Bytes received: patches, images and whole files. */
+    downloadedBytes: z.number().int().min(0),
+    /** Bytes of the files that came as patches or images, less what was downloaded for them. */
+    savedBytes: z.number().int().min(0),
+    /** Bytes of files already held (another version or model had them) and not downloaded. */
+    reusedBytes: z.number().int().min(0),
+    patchedFiles: z.number().int().min(0),
+    fullFiles: z.number().int().min(0),
+    /** Patches refused or failed, each followed by the whole file. */
+    fallbacks: z.number().int().min(0),
+  })
+  .strict();
+export type ModelTransfer = z.infer<typeof ModelTransfer>;
+
 export const ModelSlotReport = z
   .object({
     state: z.string().max(32),
@@ -219,6 +237,8 @@ export const ModelSlotReport = z
     failed: z.array(ModelVersion).max(256),
     fallback: ModelVersion.nullable(),
     lastVerdict: z.record(z.string(), z.unknown()).nullable(),
+    /** The last version this device downloaded for the slot. */
+    transfer: ModelTransfer.nullable().optional(),
   })
   .strict();
 export type ModelSlotReport = z.infer<typeof ModelSlotReport>;

@@ -216,7 +216,20 @@ export const METHODS = {
     role: 'viewer',
     /** Without a version: the newest one. */
     params: z.object({ name: ModelName, version: ModelVersion.optional() }).strict(),
-    result: ModelVersionSummary.extend({ signed: SignedManifest, audit: z.array(AuditEntry) }),
+    result: ModelVersionSummary.extend({
+      signed: SignedManifest,
+      audit: z.array(AuditEntry),
+      /** Summed over the devices that reported installing this version. */
+      transfer: z.object({
+        devices: z.number(),
+        downloadedBytes: z.number(),
+        savedBytes: z.number(),
+        reusedBytes: z.number(),
+        patchedFiles: z.number(),
+        fullFiles: z.number(),
+        fallbacks: z.number(),
+      }),
+    }),
   },
   'models.setStatus': {
     role: 'operator',

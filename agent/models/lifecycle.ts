@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { ModelVersion } from '../../proto/index.js';
+import { ModelTransfer, ModelVersion } from '../../proto/index.js';
 
 /**
  * The lifecycle of one model slot: every state, every allowed transition, and what a restart does
@@ -84,10 +84,12 @@ export const SlotState = z.object({
    * compared against it even when the agent restarted since (and has few fresh samples).
    */
   latency: z.array(z.object({ version: ModelVersion, p50Ms: z.number(), p95Ms: z.number() })).max(64).default([]),
+  /** Bytes the last download for this slot took and saved. */
+  transfer: ModelTransfer.nullable().default(null),
   updatedAt: z.number(),
 });
 export type SlotState = z.infer<typeof SlotState>;
 
 export function newSlotState(name: string): SlotState {
-  return { name, state: 'idle', stable: [], serving: null, candidate: null, attempts: 0, failed: [], fallback: null, floor: 0, transitions: 0, lastVerdict: null, latency: [], updatedAt: Date.now() };
+  return { name, state: 'idle', stable: [], serving: null, candidate: null, attempts: 0, failed: [], fallback: null, floor: 0, transitions: 0, lastVerdict: null, latency: [], transfer: null, updatedAt: Date.now() };
 }

@@ -6,6 +6,7 @@ import {
   manifestSha256,
   modelRef,
   type Manifest,
+  type ModelFile,
   type ModelSlot,
   type ModelSlotReport,
   type RecordClass,
@@ -17,7 +18,7 @@ import { checkInChild } from '../runtime/child-check.js';
 import { argmaxAt, validateInputs } from '../runtime/tensor.js';
 import type { LoadedModel, TensorMap } from '../runtime/types.js';
 import type { InferResult, ModelHost } from './host.js';
-import { fetchFile, fetchManifest, type FetchAuth, type FetchStats } from './fetch.js';
+import { fetchFile, fetchFileDelta, fetchManifest, newFetchStats, type FetchAuth, type FetchStats } from './fetch.js';
 import { judge, latencyRecord, VersionStats, type LatencyRecord, type Verdict } from './health.js';
 import { canTransition, ON_RESTART, SlotState, newSlotState, type SlotStateName } from './lifecycle.js';
 import { ModelStore } from './store.js';
@@ -34,6 +35,8 @@ export interface ModelManagerOptions {
   childCheckTimeoutMs: number;
   /** Seconds between health checks while on probation. */
   checkIntervalMs: number;
+  /** Delta downloads (patches against files held, or compressed images); null: whole files only. */
+  delta?: { offerTimeoutMs: number } | null;
   report: (cls: RecordClass, type: string, body: unknown) => void;
   onChange: () => void;
   log: Logger;
@@ -93,7 +96,8 @@ export class ModelManager implements ModelHost {
   private checkTimer: NodeJS.Timeout | null = null;
   private verified = false;
   private closed = false;
-  readonly fetchStats: FetchStats = { bytesDownloaded: 0, bytesResumed: 0, filesReused: 0 };
+  /** Totals over every download since start. */
+  readonly fetchStats: FetchStats = newFetchStats();
 
   constructor(private readonly opts: ModelManagerOptions) {
     this.store = new ModelStore(opts.stateDir);
@@ -243,6 +247,7 @@ export class ModelManager implements ModelHost {
         failed: s.failed.map((f) => f.version),
         fallback: s.fallback,
         lastVerdict: s.lastVerdict,
+        transfer: s.transfer,
       };
     }
     return out;
@@ -415,13 +420,24 @@ export class ModelManager implements ModelHost {
     let signed: SignedManifest;
     try {
       if (!this.opts.fetch) throw new EdgefleetError('EF_ARTIFACT_MISSING', 'no artifact server configured (models.artifactsUrl)');
-      signed = await fetchManifest(this.opts.fetch, name, want, signal);
+      const held = this.heldManifests(slot);
+      signed = await fetchManifest(this.opts.fetch, name, want, signal, held[0]);
       const st = slot.state;
       this.trust.admit(signed, { name, version: want, manifestSha256: slot.desired?.manifestSha256, floor: st.floor, stable: st.stable, maxModelBytes: this.opts.maxModelBytes, now: Date.now() });
       this.store.saveManifest(signed);
-      for (const f of signed.manifest.files) await fetchFile(this.store, this.opts.fetch, f, this.fetchStats, signal);
+      const stats = newFetchStats();
+      for (const f of signed.manifest.files) {
+        if (this.opts.delta) {
+          const onFallback = (err: unknown): void => this.opts.log.warn({ model: name, version: want, file: f.path, err }, 'delta download failed; downloading the whole file');
+          await fetchFileDelta(this.store, this.opts.fetch, f, stats, { base: this.deltaBase(held, f), offerTimeoutMs: this.opts.delta.offerTimeoutMs, onFallback }, signal);
+        } else {
+          await fetchFile(this.store, this.opts.fetch, f, stats, signal);
+        }
+      }
+      for (const k of Object.keys(stats) as (keyof FetchStats)[]) this.fetchStats[k] += stats[k];
       if (signal.aborted) return this.abandon(slot);
-      this.transition(slot, 'verifying');
+      const transfer = { version: want, downloadedBytes: stats.bytesDownloaded, savedBytes: stats.savedBytes, reusedBytes: stats.reusedBytes, patchedFiles: stats.patchedFiles, fullFiles: stats.fullFiles, fallbacks: stats.fallbacks };
+      this.transition(slot, 'verifying', { transfer });
       this.store.buildView(signed.manifest);
       this.store.verifyVersion(signed.manifest);
       this.transition(slot, 'staging');
@@ -455,6 +471,26 @@ export class ModelManager implements ModelHost {
     if (signal.aborted) return this.abandon(slot);
     slot.retries = 0;
     await this.activate(slot, signed);
+  }
+
+  /** The manifests of versions of this model held here, newest served first: what patches start from. */
+  private heldManifests(slot: Slot): SignedManifest[] {
+    const versions = [slot.serving?.version, ...slot.state.stable].filter((v): v is number => v !== undefined);
+    const out: SignedManifest[] = [];
+    for (const v of new Set(versions)) {
+      const m = this.store.loadManifest(slot.state.name, v);
+      if (m) out.push(m);
+    }
+    return out;
+  }
+
+  /** The blob to patch `file` from: the file at the same path in the newest held version that has it. */
+  private deltaBase(held: readonly SignedManifest[], file: ModelFile): string | null {
+    for (const m of held) {
+      const f = m.manifest.files.find((x) => x.path === file.path);
+      if (f && f.sha256 !== file.sha256 && this.store.hasBlob(f.sha256, f.size)) return f.sha256;
+    }
+    return null;
   }
 
   private abandon(slot: Slot): void {

@@ -6,7 +6,11 @@ import { ID_PATTERN } from '../../proto/index.js';
  * they return is safe to use as is.
  */
 
-export type Route = { kind: 'artifact'; sha256: string } | { kind: 'manifest'; name: string; version: number };
+export type Route =
+  | { kind: 'artifact'; sha256: string }
+  | { kind: 'manifest'; name: string; version: number; base: number | null }
+  | { kind: 'delta-offer'; target: string; base: string | null }
+  | { kind: 'delta'; target: string; patch: string };
 
 const SHA256 = /^[0-9a-f]{64}$/;
 const VERSION = /^[1-9][0-9]{0,9}$/;
@@ -21,8 +25,19 @@ function decodeSegment(s: string): string | null {
   }
 }
 
+/** One query parameter, percent-decoded; null when absent or undecodable. */
+function queryParam(query: string, key: string): string | null {
+  for (const pair of query.split('&')) {
+    const eq = pair.indexOf('=');
+    if (eq > 0 && pair.slice(0, eq) === key) return decodeSegment(pair.slice(eq + 1));
+  }
+  return null;
+}
+
 /**
- * `/v1/artifacts/{sha256}` or `/v1/models/{name}/{version}/manifest`; the query is ignored. A
+ * `/v1/artifacts/{sha256}`, `/v1/models/{name}/{version}/manifest[?base={version}]`,
+ * `/v1/deltas/{target sha256}[?base={sha256}]` (an offer) or `/v1/deltas/{target}/{patch sha256}`;
+ * other query parameters are ignored, and a `base` that is not valid is as good as none. A
  * sha256 is lower-case hex and a name matches the fleet's id pattern after percent-decoding, so
  * nothing returned can name a path outside the artifact store.
  */
@@ -30,6 +45,7 @@ export function parseRoute(target: string): Route | null {
   if (typeof target !== 'string' || target.length > MAX_TARGET) return null;
   const q = target.indexOf('?');
   const path = q < 0 ? target : target.slice(0, q);
+  const query = q < 0 ? '' : target.slice(q + 1);
   const parts = path.split('/').map(decodeSegment);
   if (parts.some((p) => p === null) || parts[0] !== '' || parts[1] !== 'v1') return null;
   if (parts.length === 4 && parts[2] === 'artifacts') {
@@ -41,7 +57,16 @@ export function parseRoute(target: string): Route | null {
     const v = parts[4] as string;
     if (!ID_PATTERN.test(name) || !VERSION.test(v)) return null;
     const version = Number(v);
-    return version <= MAX_VERSION ? { kind: 'manifest', name, version } : null;
+    const b = queryParam(query, 'base');
+    const base = b !== null && VERSION.test(b) && Number(b) <= MAX_VERSION ? Number(b) : null;
+    return version <= MAX_VERSION ? { kind: 'manifest', name, version, base } : null;
+  }
+  if ((parts.length === 4 || parts.length === 5) && parts[2] === 'deltas') {
+    const t = parts[3] as string;
+    if (!SHA256.test(t)) return null;
+    if (parts.length === 5) return SHA256.test(parts[4] as string) ? { kind: 'delta', target: t, patch: parts[4] as string } : null;
+    const b = queryParam(query, 'base');
+    return { kind: 'delta-offer', target: t, base: b !== null && SHA256.test(b) ? b : null };
   }
   return null;
 }

@@ -1,11 +1,13 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { open } from 'node:fs/promises';
+import jsonpatch from 'fast-json-patch';
 import { pipeline } from 'node:stream/promises';
 import { EdgefleetError, isEdgefleetError, roleAllows, type ErrorCode } from '../../proto/index.js';
 import type { Logger } from '../../common/log.js';
 import type { FleetStore } from '../store/types.js';
 import type { ArtifactStore } from './blobs.js';
+import type { DeltaService } from './deltas.js';
 import { HttpAuthenticator, type HttpIdentity } from './http-auth.js';
 import { noneMatch, parseRange, parseRoute } from './http-parse.js';
 import type { Registry } from './registry.js';
@@ -22,6 +24,8 @@ export interface ArtifactServerDeps {
   store: FleetStore;
   registry: Registry;
   blobs: ArtifactStore;
+  /** Null when delta updates are off: every offer is then `full`. */
+  deltas: DeltaService | null;
   log: Logger;
   now?: () => number;
 }
@@ -35,7 +39,10 @@ const IDLE_MS = 120_000;
  *
  *   GET|HEAD /v1/artifacts/{sha256}                 a file; Range (one range), If-Range, If-None-Match
  *   PUT      /v1/artifacts/{sha256}                 upload (role operator); hashed while streaming
- *   GET|HEAD /v1/models/{name}/{version}/manifest   the SignedManifest, canonical JSON
+ *   GET|HEAD /v1/models/{name}/{version}/manifest   the SignedManifest, canonical JSON; with
+ *            ?base={version} an RFC 6902 patch from that version's manifest when it is smaller
+ *   GET      /v1/deltas/{target}?base={sha256}       how best to get an artifact: a DeltaOffer
+ *   GET|HEAD /v1/deltas/{target}/{patch sha256}      an offered patch or image; Range, ETag
  *
  * Everyone authenticates with HTTP Basic (RFC 7617) and the credential they use on the broker.
  * Devices get only what a version that is not quarantined names (404 unknown, 410 quarantined);
@@ -106,24 +113,64 @@ export class ArtifactServer {
       if (reads) return this.getArtifact(req, res, who, route.sha256);
       if (method === 'PUT') return this.putArtifact(req, res, who, route.sha256);
       res.setHeader('allow', 'GET, HEAD, PUT');
+    } else if (route.kind === 'manifest') {
+      if (reads) return this.getManifest(req, res, who, route.name, route.version, route.base);
+      res.setHeader('allow', 'GET, HEAD');
+    } else if (route.kind === 'delta-offer') {
+      if (method === 'GET') return this.getOffer(req, res, who, route.target, route.base);
+      res.setHeader('allow', 'GET');
     } else {
-      if (reads) return this.getManifest(req, res, who, route.name, route.version);
+      if (reads) return this.getDelta(req, res, who, route.target, route.patch);
       res.setHeader('allow', 'GET, HEAD');
     }
     return this.fail(req, res, 405, 'EF_BAD_PARAMS', `${method.slice(0, 16)} is not allowed here`);
   }
 
+  /** Whether a device may have this artifact: 404 unknown, 410 quarantined. Operators may read anything stored. */
+  private refuseDevice(req: IncomingMessage, res: ServerResponse, who: HttpIdentity, sha256: string): boolean {
+    if (who.kind !== 'device') return false;
+    const s = this.deps.registry.servability(sha256);
+    if (s === 'unknown') this.fail(req, res, 404, 'EF_ARTIFACT_REFUSED', 'no published model version names this artifact');
+    else if (s === 'quarantined') this.fail(req, res, 410, 'EF_ARTIFACT_REFUSED', 'every model version naming this artifact is quarantined');
+    else return false;
+    return true;
+  }
+
   private async getArtifact(req: IncomingMessage, res: ServerResponse, who: HttpIdentity, sha256: string): Promise<void> {
-    if (who.kind === 'device') {
-      const s = this.deps.registry.servability(sha256);
-      if (s === 'unknown') return this.fail(req, res, 404, 'EF_ARTIFACT_REFUSED', 'no published model version names this artifact');
-      if (s === 'quarantined') return this.fail(req, res, 410, 'EF_ARTIFACT_REFUSED', 'every model version naming this artifact is quarantined');
-    }
+    if (this.refuseDevice(req, res, who, sha256)) return;
+    return this.sendFile(req, res, this.deps.blobs.pathOf(sha256), sha256, () => {
+      if (who.kind === 'device') this.deps.log.error({ sha256 }, 'a published artifact is missing from the store');
+    });
+  }
+
+  private async getOffer(req: IncomingMessage, res: ServerResponse, who: HttpIdentity, target: string, base: string | null): Promise<void> {
+    if (this.refuseDevice(req, res, who, target)) return;
+    const full = this.deps.blobs.sizeOf(target);
+    if (full === null) return this.fail(req, res, 404, 'EF_ARTIFACT_MISSING', 'artifact not stored');
+    // A base no model version names is not diffed against: the fleet patches only between its own artifacts.
+    const b = base !== null && this.deps.registry.servability(base) !== 'unknown' ? base : null;
+    const offer = this.deps.deltas
+      ? await this.deps.deltas.offer(target, b)
+      : { kind: 'full', target: { sha256: target, size: full }, base: null, delta: null, sizes: { full, image: null, patch: null } };
+    const body = JSON.stringify(offer);
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(Buffer.byteLength(body)), 'cache-control': 'private, no-cache' });
+    res.end(body);
+  }
+
+  private async getDelta(req: IncomingMessage, res: ServerResponse, who: HttpIdentity, target: string, patch: string): Promise<void> {
+    if (this.refuseDevice(req, res, who, target)) return;
+    const path = this.deps.deltas?.fileOf(target, patch) ?? null;
+    if (path === null) return this.fail(req, res, 404, 'EF_ARTIFACT_MISSING', 'no such patch (it may have been evicted: ask for an offer again)');
+    return this.sendFile(req, res, path, patch, () => undefined);
+  }
+
+  /** A file by its sha256 (the ETag), with one Range, If-Range and If-None-Match. */
+  private async sendFile(req: IncomingMessage, res: ServerResponse, path: string, sha256: string, missing: () => void): Promise<void> {
     let fh;
     try {
-      fh = await open(this.deps.blobs.pathOf(sha256), 'r');
+      fh = await open(path, 'r');
     } catch {
-      if (who.kind === 'device') this.deps.log.error({ sha256 }, 'a published artifact is missing from the store');
+      missing();
       return this.fail(req, res, 404, 'EF_ARTIFACT_MISSING', 'artifact not stored');
     }
     try {
@@ -164,19 +211,30 @@ export class ArtifactServer {
     }
   }
 
-  private getManifest(req: IncomingMessage, res: ServerResponse, who: HttpIdentity, name: string, version: number): void {
+  private getManifest(req: IncomingMessage, res: ServerResponse, who: HttpIdentity, name: string, version: number, base: number | null): void {
     const row = this.deps.store.models.get(name, version);
     if (!row) return this.fail(req, res, 404, 'EF_UNKNOWN_MODEL', `no ${name}@${version}`);
     if (who.kind === 'device' && row.status === 'quarantined') return this.fail(req, res, 410, 'EF_ARTIFACT_REFUSED', `${name}@${version} is quarantined`);
-    const body = Buffer.from(row.manifestJson, 'utf8');
-    const etag = `"${row.manifestSha256}"`;
+    let body = Buffer.from(row.manifestJson, 'utf8');
+    let etag = `"${row.manifestSha256}"`;
+    let type = 'application/json';
+    const from = base !== null && base !== version ? this.deps.store.models.get(name, base) : null;
+    if (from) {
+      // The device holds `base`: the differences alone are usually a fraction of the manifest.
+      const patch = Buffer.from(JSON.stringify(jsonpatch.compare(JSON.parse(from.manifestJson) as object, JSON.parse(row.manifestJson) as object)), 'utf8');
+      if (patch.length < body.length) {
+        body = patch;
+        etag = `"${row.manifestSha256}-from-${from.manifestSha256}"`;
+        type = 'application/json-patch+json';
+      }
+    }
     res.setHeader('etag', etag);
     res.setHeader('cache-control', 'private, no-cache');
     if (noneMatch(req.headers['if-none-match'], etag)) {
       res.writeHead(304).end();
       return;
     }
-    res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(body.length) });
+    res.writeHead(200, { 'content-type': type, 'content-length': String(body.length) });
     res.end(req.method === 'HEAD' ? undefined : body);
   }
 

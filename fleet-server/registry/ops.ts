@@ -43,7 +43,12 @@ export function createModelHandlers(deps: ModelHandlerDeps): Pick<Handlers, Mode
 
     'models.show': ({ name, version }) => {
       const row = registry.get(name, version);
-      return { ...summary(row), signed: registry.signed(row), audit: store.audit.list({ limit: SHOW_AUDIT_LIMIT, target: modelRef(name, row.version) }) };
+      return {
+        ...summary(row),
+        signed: registry.signed(row),
+        audit: store.audit.list({ limit: SHOW_AUDIT_LIMIT, target: modelRef(name, row.version) }),
+        transfer: store.transfers.totals(name, row.version),
+      };
     },
 
     'models.setStatus': ({ name, version, status, reason }, caller) => {

@@ -108,4 +108,20 @@ export const MIGRATIONS: readonly string[] = [
   CREATE TRIGGER model_files_kept BEFORE DELETE ON model_files
     BEGIN SELECT RAISE(ABORT, 'model files are never deleted'); END;
   `,
+  // v4: what devices downloaded to install each model version, and what delta patches saved.
+  `
+  CREATE TABLE model_transfers (
+    device_id        TEXT NOT NULL,
+    name             TEXT NOT NULL,
+    version          INTEGER NOT NULL,
+    downloaded_bytes INTEGER NOT NULL,
+    saved_bytes      INTEGER NOT NULL,
+    reused_bytes     INTEGER NOT NULL,
+    patched_files    INTEGER NOT NULL,
+    full_files       INTEGER NOT NULL,
+    fallbacks        INTEGER NOT NULL,
+    at               INTEGER NOT NULL,
+    PRIMARY KEY (name, version, device_id)
+  ) WITHOUT ROWID;
+  `,
 ];

@@ -1,6 +1,8 @@
 import type { Db } from './db.js';
 import { openDb } from './db.js';
 import type {
+  ArtifactUse,
+  ModelTransferTotals,
   AuditRow,
   DesiredRow,
   DeviceRow,
@@ -186,6 +188,20 @@ export function openSqliteStore(path: string): FleetStore {
     mArtifact: db.prepare<[string], { status: ModelStatus }>(
       'SELECT DISTINCT v.status AS status FROM model_files f JOIN model_versions v ON v.name = f.name AND v.version = f.version WHERE f.sha256 = ?',
     ),
+    mUse: db.prepare<[string], ArtifactUse>(
+      `SELECT f.name AS name, f.version AS version, f.path AS path, v.runtime AS runtime, v.manifest_json AS manifestJson
+       FROM model_files f JOIN model_versions v ON v.name = f.name AND v.version = f.version WHERE f.sha256 = ? ORDER BY v.created_at DESC LIMIT 1`,
+    ),
+    tPut: db.prepare(
+      `INSERT OR REPLACE INTO model_transfers (device_id, name, version, downloaded_bytes, saved_bytes, reused_bytes, patched_files, full_files, fallbacks, at)
+       VALUES (@deviceId, @name, @version, @downloadedBytes, @savedBytes, @reusedBytes, @patchedFiles, @fullFiles, @fallbacks, @at)`,
+    ),
+    tTotals: db.prepare<[string, number], ModelTransferTotals>(
+      `SELECT COUNT(*) AS devices, COALESCE(SUM(downloaded_bytes), 0) AS downloadedBytes, COALESCE(SUM(saved_bytes), 0) AS savedBytes,
+              COALESCE(SUM(reused_bytes), 0) AS reusedBytes, COALESCE(SUM(patched_files), 0) AS patchedFiles,
+              COALESCE(SUM(full_files), 0) AS fullFiles, COALESCE(SUM(fallbacks), 0) AS fallbacks
+       FROM model_transfers WHERE name = ? AND version = ?`,
+    ),
     aAppend: db.prepare('INSERT INTO audit (ts, actor, action, target, ok, detail) VALUES (?, ?, ?, ?, ?, ?)'),
     aList: db.prepare<[number], AuditSql>('SELECT * FROM audit ORDER BY seq DESC LIMIT ?'),
     aListTarget: db.prepare<[string, number], AuditSql>('SELECT * FROM audit WHERE target = ? ORDER BY seq DESC LIMIT ?'),
@@ -294,6 +310,11 @@ export function openSqliteStore(path: string): FleetStore {
         })(),
       setStatus: (name, version, status, at) => void q.mStatus.run(status, at, name, version),
       artifactStatuses: (sha256) => q.mArtifact.all(sha256).map((r) => r.status),
+      artifactUse: (sha256) => q.mUse.get(sha256) ?? null,
+    },
+    transfers: {
+      put: (row) => void q.tPut.run(row),
+      totals: (name, version) => q.tTotals.get(name, version)!,
     },
     audit: {
       append: (e) => Number(q.aAppend.run(e.ts, e.actor, e.action, e.target, e.ok ? 1 : 0, e.detail === undefined ? null : JSON.stringify(e.detail)).lastInsertRowid),

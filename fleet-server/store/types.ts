@@ -111,6 +111,39 @@ export interface ModelFileRow {
   size: number;
 }
 
+/** One device's download of one model version, as its agent reported it. */
+export interface ModelTransferRow {
+  deviceId: string;
+  name: string;
+  version: number;
+  downloadedBytes: number;
+  savedBytes: number;
+  reusedBytes: number;
+  patchedFiles: number;
+  fullFiles: number;
+  fallbacks: number;
+  at: number;
+}
+
+export interface ModelTransferTotals {
+  devices: number;
+  downloadedBytes: number;
+  savedBytes: number;
+  reusedBytes: number;
+  patchedFiles: number;
+  fullFiles: number;
+  fallbacks: number;
+}
+
+/** Where an artifact is named: a model version and the path it has there. */
+export interface ArtifactUse {
+  name: string;
+  version: number;
+  path: string;
+  runtime: ModelRuntime;
+  manifestJson: string;
+}
+
 export interface FleetStore {
   /** Runs `fn` atomically: every write inside commits together or not at all. */
   transaction<T>(fn: () => T): T;
@@ -165,6 +198,13 @@ export interface FleetStore {
     setStatus(name: string, version: number, status: ModelStatus, at: number): void;
     /** The statuses of every version that names this artifact (empty when none does). */
     artifactStatuses(sha256: string): ModelStatus[];
+    /** The newest version naming this artifact, with its path there; null when none does. */
+    artifactUse(sha256: string): ArtifactUse | null;
+  };
+  transfers: {
+    /** Keeps the latest report per (device, model version). */
+    put(row: ModelTransferRow): void;
+    totals(name: string, version: number): ModelTransferTotals;
   };
   audit: {
     append(e: Omit<AuditRow, 'seq'>): number;

@@ -145,6 +145,9 @@ export class DesiredStateService {
     const wanted = Object.fromEntries(Object.entries(desired.doc.models).map(([name, slot]) => [name, { version: slot.version }]));
     const drift = jsonpatch.compare({ agent: msg.agent, models: served }, { agent: desired.doc.agent, models: wanted }) as JsonPatch;
     this.store.reported.put({ deviceId, desiredVersion: msg.desiredVersion, doc: msg, drift, receivedAt: this.now() });
+    for (const [name, r] of Object.entries(msg.models)) {
+      if (r.transfer) this.store.transfers.put({ deviceId, name, ...r.transfer, at: this.now() });
+    }
     const inSync = drift.length === 0 && msg.desiredVersion === desired.version;
     if (!inSync) this.log.debug({ deviceId, drift: drift.length, reportedVersion: msg.desiredVersion, desiredVersion: desired.version }, 'device not in sync');
     return { inSync };

@@ -133,6 +133,13 @@ async function publish(ctx: CommandContext, path: string | undefined): Promise<v
   }, PUBLISH_TIMEOUT_SEC);
 }
 
+function transferLine(t: { devices: number; downloadedBytes: number; savedBytes: number; reusedBytes: number; patchedFiles: number; fullFiles: number; fallbacks: number }): string {
+  if (t.devices === 0) return 'no device has reported installing it yet';
+  const whole = t.downloadedBytes + t.savedBytes;
+  const pct = whole === 0 ? 0 : Math.round((100 * t.savedBytes) / whole);
+  return `${t.devices} device(s) downloaded ${bytes(t.downloadedBytes)}, saved ${bytes(t.savedBytes)} (${pct} %) with ${t.patchedFiles} patched and ${t.fullFiles} whole file(s)${t.fallbacks > 0 ? `, ${t.fallbacks} patch fallback(s)` : ''}${t.reusedBytes > 0 ? `; ${bytes(t.reusedBytes)} already held` : ''}`;
+}
+
 async function show(ctx: CommandContext, arg: string | undefined): Promise<void> {
   const { name, version } = ref(ctx, arg, true);
   await ctx.withClient(async (c) => {
@@ -153,6 +160,7 @@ async function show(ctx: CommandContext, arg: string | undefined): Promise<void>
         `signed      key ${v.signed.signature.keyId} (chain of ${v.signed.keyChain.length}) · manifest sha256 ${v.manifestSha256}`,
         'files:',
         ...m.files.map((f) => `  ${f.path}  ${bytes(f.size)}  ${f.sha256.slice(0, 16)}…`),
+        `bandwidth   ${transferLine(v.transfer)}`,
         'audit:',
         ...v.audit.map((e) => `  ${time(e.ts)}  ${e.actor}  ${e.action}  ${JSON.stringify(e.detail)}`),
       ].join('\n'),

@@ -71,6 +71,9 @@ describe('parseRoute', () => {
         if (r.kind === 'artifact') {
           expect(r.sha256).toMatch(/^[0-9a-f]{64}$/);
           expect(resolve(join(root, r.sha256.slice(0, 2), r.sha256)).startsWith(root + sep)).toBe(true);
+        } else if (r.kind === 'delta-offer' || r.kind === 'delta') {
+          expect(r.target).toMatch(/^[0-9a-f]{64}$/);
+          expect(r.kind === 'delta' ? r.patch : (r.base ?? 'a'.repeat(64))).toMatch(/^[0-9a-f]{64}$/);
         } else {
           expect(ID_PATTERN.test(r.name)).toBe(true);
           expect(Number.isInteger(r.version) && r.version >= 1 && r.version <= 2 ** 31 - 1).toBe(true);
@@ -86,9 +89,19 @@ describe('parseRoute', () => {
         expect(parseRoute(`/v1/artifacts/${sha}?${encodeURIComponent(q)}`)).toEqual({ kind: 'artifact', sha256: sha });
       }),
     );
-    expect(parseRoute('/v1/models/iris-v2/12/manifest')).toEqual({ kind: 'manifest', name: 'iris-v2', version: 12 });
-    expect(parseRoute('/v1/models/iris%2Dv2/12/manifest')).toEqual({ kind: 'manifest', name: 'iris-v2', version: 12 });
-    for (const bad of ['/v1/models/%2e%2e/1/manifest', '/v1/models/a%2Fb/1/manifest', '/v1/models/a/01/manifest', '/v1/models/a/2147483648/manifest', `/v1/artifacts/${'A'.repeat(64)}`]) {
+    expect(parseRoute('/v1/models/iris-v2/12/manifest')).toEqual({ kind: 'manifest', name: 'iris-v2', version: 12, base: null });
+    expect(parseRoute('/v1/models/iris%2Dv2/12/manifest')).toEqual({ kind: 'manifest', name: 'iris-v2', version: 12, base: null });
+    expect(parseRoute('/v1/models/iris/12/manifest?base=11')).toEqual({ kind: 'manifest', name: 'iris', version: 12, base: 11 });
+    expect(parseRoute('/v1/models/iris/12/manifest?base=x')).toEqual({ kind: 'manifest', name: 'iris', version: 12, base: null });
+    fc.assert(
+      fc.property(hex64, hex64, fc.string({ maxLength: 80 }), (t, p, junk) => {
+        expect(parseRoute(`/v1/deltas/${t}?base=${p}`)).toEqual({ kind: 'delta-offer', target: t, base: p });
+        expect(parseRoute(`/v1/deltas/${t}/${p}`)).toEqual({ kind: 'delta', target: t, patch: p });
+        const r = parseRoute(`/v1/deltas/${t}?base=${encodeURIComponent(junk)}`);
+        expect(r).toEqual({ kind: 'delta-offer', target: t, base: /^[0-9a-f]{64}$/.test(junk) ? junk : null });
+      }),
+    );
+    for (const bad of ['/v1/deltas/abc', `/v1/deltas/${'a'.repeat(64)}/../x`, `/v1/deltas/${'a'.repeat(64)}/${'a'.repeat(64)}/x`, '/v1/models/%2e%2e/1/manifest', '/v1/models/a%2Fb/1/manifest', '/v1/models/a/01/manifest', '/v1/models/a/2147483648/manifest', `/v1/artifacts/${'A'.repeat(64)}`]) {
       expect(parseRoute(bad), bad).toBeNull();
     }
   });

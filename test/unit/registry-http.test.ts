@@ -51,7 +51,7 @@ beforeAll(async () => {
   onCleanup(() => store.close());
   const blobs = new ArtifactStore(join(dir, 'artifacts'));
   registry = new Registry(store, blobs, new FleetKeyring({ dataDir: dir }));
-  server = new ArtifactServer({ host: '127.0.0.1', port: 0, maxFileBytes: MAX, authCacheSec: 60 }, { store, registry, blobs, log: silentLogger() });
+  server = new ArtifactServer({ host: '127.0.0.1', port: 0, maxFileBytes: MAX, authCacheSec: 60 }, { store, registry, blobs, deltas: null, log: silentLogger() });
   await server.start();
   onCleanup(() => server.stop());
   base = `http://127.0.0.1:${server.port}`;
