@@ -10,6 +10,7 @@ import { OpsClient } from './ops-client.js';
 import { resolveProfile } from './cli/profile.js';
 import { ago, bytes, table, time } from './cli/format.js';
 import { MODEL_USAGE, runKeyCommand, runModelCommand, type CommandContext, type ModelFlags } from './cli/model.js';
+import { DELTA_USAGE, runDeltaCommand, type DeltaFlags } from './cli/delta.js';
 
 const USAGE = `edgefleet ${VERSION}: operator CLI
 
@@ -28,6 +29,7 @@ commands:
   telemetry <id> [--limit <n>] [--class <c>]  recent telemetry of a device, newest first
   stats                                fleet counters: devices, online, in sync, rejected messages
 ${MODEL_USAGE}
+${DELTA_USAGE}
   broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>] [--run-as <user>]
                                        password file, ACL and mosquitto.conf for an external broker;
                                        Mosquitto runs as --run-as (default: whoever runs this command)
@@ -42,7 +44,8 @@ options:
 exit codes: 0 ok, 2 usage, 10 broker unreachable, 11 credentials refused, 12 forbidden,
             13 not found, 14 invalid input, 15 timeout, 16 server error, 17 no credentials`;
 
-type Flags = ModelFlags & {
+type Flags = ModelFlags &
+  DeltaFlags & {
   json?: boolean;
   'artifacts-url'?: string;
   profile?: string;
@@ -74,6 +77,12 @@ const EXIT_FOR: Partial<Record<ErrorCode, number>> = {
   EF_BAD_PARAMS: EXIT.CLI_INVALID,
   EF_BAD_PAYLOAD: EXIT.CLI_INVALID,
   EF_PATCH_FAILED: EXIT.CLI_INVALID,
+  EF_DELTA_CORRUPT: EXIT.CLI_INVALID,
+  EF_DELTA_TRUNCATED: EXIT.CLI_INVALID,
+  EF_DELTA_TOO_LARGE: EXIT.CLI_INVALID,
+  EF_DELTA_WRONG_BASE: EXIT.CLI_INVALID,
+  EF_DELTA_UNSUPPORTED: EXIT.CLI_INVALID,
+  EF_DELTA_TARGET_MISMATCH: EXIT.CLI_INVALID,
   EF_DESIRED_INVALID: EXIT.CLI_INVALID,
   EF_VERSION_CONFLICT: EXIT.CLI_INVALID,
   EF_DEVICE_EXISTS: EXIT.CLI_INVALID,
@@ -142,6 +151,7 @@ function need(arg: string | undefined, what: string): string {
 async function run(cmd: string[], flags: Flags): Promise<void> {
   const [group, verb, a1, a2] = cmd;
   const key = `${group ?? ''} ${verb ?? ''}`.trim();
+  if (group === 'delta') return runDeltaCommand({ flags, out: (data, human) => out(flags, data, human), usage: (message) => new UsageError(message) }, cmd.slice(1));
   if (group === 'model' || group === 'key') {
     const ctx: CommandContext = {
       flags,
@@ -357,6 +367,9 @@ async function main(argv: string[]): Promise<number> {
         lineage: { type: 'string' },
         reason: { type: 'string' },
         shadow: { type: 'string' },
+        base: { type: 'string' },
+        patch: { type: 'string' },
+        'model-json': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });
