@@ -162,7 +162,8 @@ async function unpack(codec: number, bytes: Uint8Array, rawLen: number, what: st
   if (codec !== CODEC.brotli) throw corrupt(`${what}: unknown codec ${codec}`);
   let out: Buffer;
   try {
-    out = await brotliDecompress(bytes, { maxOutputLength: Math.max(1, rawLen) });
+    // One output chunk: the default 16 KiB chunks cost a thread-pool round trip each.
+    out = await brotliDecompress(bytes, { maxOutputLength: Math.max(1, rawLen), chunkSize: Math.max(64, rawLen + 1) });
   } catch (e) {
     throw corrupt(`${what}: ${(e as Error).message}`);
   }
@@ -207,11 +208,19 @@ export async function applyPatch(patch: ByteSource, base: ByteSource | null, sin
   }
   const r = new PatchReader(patch);
   const out = new TargetWriter(header.targetSize, sink);
+  // Tensor frames decode ahead, on the thread pool, while earlier ones are written: at most
+  // AHEAD frames (a few MiB) are in flight, and they are written strictly in order.
+  const AHEAD = 4;
+  const pending: Promise<Uint8Array>[] = [];
+  const drain = async (keep: number): Promise<void> => {
+    while (pending.length > keep) await out.write(await pending.shift()!);
+  };
   let expected = 0;
   for (;;) {
     const type = await r.u8();
     if (type === FRAME.end) break;
     if (type === FRAME.program) {
+      await drain(0);
       const codec = await r.u8();
       const rawLen = await r.varint('program length');
       if (rawLen > DELTA_LIMITS.maxProgramBytes) throw new EdgefleetError('EF_DELTA_TOO_LARGE', `a program frame of ${rawLen} bytes exceeds ${DELTA_LIMITS.maxProgramBytes}`);
@@ -245,6 +254,7 @@ export async function applyPatch(patch: ByteSource, base: ByteSource | null, sin
       const from = mode === 'planes' ? 0 : await r.varint('tensor base offset');
       const count = await r.varint('tensor element count');
       if (count === 0 || count > DELTA_LIMITS.maxTensorElements) throw new EdgefleetError('EF_DELTA_TOO_LARGE', `a tensor frame of ${count} elements (limit ${DELTA_LIMITS.maxTensorElements})`);
+      if (mode !== 'planes' && from + count * width > b.size) throw corrupt(`it reads base bytes ${from}..${from + count * width} of ${b.size}`);
       const stored: { codec: number; bytes: Uint8Array }[] = [];
       for (let p = 0; p < width; p++) {
         const codec = await r.u8();
@@ -254,14 +264,17 @@ export async function applyPatch(patch: ByteSource, base: ByteSource | null, sin
         // Still valid after later reads: the reader never writes into a window it handed out.
         stored.push({ codec, bytes: await r.bytes(encLen) });
       }
-      // The planes decode in parallel on the thread pool.
-      const planes = await Promise.all(stored.map((p) => unpack(p.codec, p.bytes, count, 'tensor plane')));
-      const baseBytes = mode === 'planes' ? null : await readBase(b, from, count * width);
-      await out.write(fromPlanes(mode, width, planes, baseBytes));
+      const decoded = Promise.all([Promise.all(stored.map((p) => unpack(p.codec, p.bytes, count, 'tensor plane'))), mode === 'planes' ? null : readBase(b, from, count * width)]).then(([planes, base]) =>
+        fromPlanes(mode, width, planes, base),
+      );
+      decoded.catch(() => undefined); // awaited in order by drain(); this only marks it handled meanwhile
+      pending.push(decoded);
+      await drain(AHEAD - 1);
       continue;
     }
     throw corrupt(`unknown frame type ${type}`);
   }
+  await drain(0);
   const crc = r.crc;
   const trailer = await r.bytes(4);
   if (Buffer.from(trailer).readUInt32LE(0) !== crc) throw corrupt('frame checksum mismatch');

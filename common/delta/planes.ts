@@ -4,11 +4,22 @@ import type { TensorMode } from '../../proto/delta.js';
 // Typed-array views below read the file's little-endian elements in host order.
 if (endianness() !== 'LE') throw new Error('edgefleet delta patches need a little-endian host');
 
-/** A fresh, aligned copy (a subarray of a file buffer may start at any byte). */
+/** The bytes as they are when aligned for 8-byte elements, else an aligned copy (a subarray of a file buffer may start at any byte). */
 function aligned(src: Uint8Array): Uint8Array {
+  if (src.byteOffset % 8 === 0) return src;
   const out = new Uint8Array(src.length);
   out.set(src);
   return out;
+}
+
+function u32(b: Uint8Array): Uint32Array {
+  const a = aligned(b);
+  return new Uint32Array(a.buffer, a.byteOffset, a.length >> 2);
+}
+
+function u16(b: Uint8Array): Uint16Array {
+  const a = aligned(b);
+  return new Uint16Array(a.buffer, a.byteOffset, a.length >> 1);
 }
 
 /**
@@ -20,8 +31,8 @@ export function toPlanes(mode: TensorMode, width: number, target: Uint8Array, ba
   const n = target.length / width;
   const planes = Array.from({ length: width }, () => new Uint8Array(n));
   if (width === 4) {
-    const t = new Uint32Array(aligned(target).buffer);
-    const b = base && mode !== 'planes' ? new Uint32Array(aligned(base).buffer) : null;
+    const t = u32(target);
+    const b = base && mode !== 'planes' ? u32(base) : null;
     const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
     for (let i = 0; i < n; i++) {
       let v = t[i]!;
@@ -40,8 +51,8 @@ export function toPlanes(mode: TensorMode, width: number, target: Uint8Array, ba
     return planes;
   }
   if (width === 2) {
-    const t = new Uint16Array(aligned(target).buffer);
-    const b = base && mode !== 'planes' ? new Uint16Array(aligned(base).buffer) : null;
+    const t = u16(target);
+    const b = base && mode !== 'planes' ? u16(base) : null;
     const [p0, p1] = planes as [Uint8Array, Uint8Array];
     for (let i = 0; i < n; i++) {
       let v = t[i]!;
@@ -73,7 +84,7 @@ export function fromPlanes(mode: TensorMode, width: number, planes: Uint8Array[]
   const out = new Uint8Array(n * width);
   if (width === 4) {
     const o = new Uint32Array(out.buffer);
-    const b = mode !== 'planes' && base ? new Uint32Array(aligned(base).buffer) : null;
+    const b = mode !== 'planes' && base ? u32(base) : null;
     const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
     for (let i = 0; i < n; i++) {
       const v = ((p0[i]! << 24) | (p1[i]! << 16) | (p2[i]! << 8) | p3[i]!) >>> 0;
@@ -85,7 +96,7 @@ export function fromPlanes(mode: TensorMode, width: number, planes: Uint8Array[]
   }
   if (width === 2) {
     const o = new Uint16Array(out.buffer);
-    const b = mode !== 'planes' && base ? new Uint16Array(aligned(base).buffer) : null;
+    const b = mode !== 'planes' && base ? u16(base) : null;
     const [p0, p1] = planes as [Uint8Array, Uint8Array];
     for (let i = 0; i < n; i++) {
       const v = (p0[i]! << 8) | p1[i]!;
