@@ -150,7 +150,16 @@ class TargetWriter {
   }
 }
 
+/** A plain Uint8Array view: Buffers and Uint8Arrays mixed in one hot loop make V8's element access megamorphic (several times slower). */
+function plain(b: Uint8Array): Uint8Array {
+  return b.constructor === Uint8Array ? b : new Uint8Array(b.buffer, b.byteOffset, b.length);
+}
+
 async function unpack(codec: number, bytes: Uint8Array, rawLen: number, what: string): Promise<Uint8Array> {
+  return plain(await unpackAny(codec, bytes, rawLen, what));
+}
+
+async function unpackAny(codec: number, bytes: Uint8Array, rawLen: number, what: string): Promise<Uint8Array> {
   if (codec === CODEC.zero) {
     if (bytes.length !== 0) throw corrupt(`${what}: a zero payload with bytes`);
     return new Uint8Array(rawLen);
@@ -188,7 +197,7 @@ const slack = (rawLen: number): number => rawLen + (rawLen >> 3) + 1024;
 
 async function readBase(base: ByteSource, from: number, len: number): Promise<Uint8Array> {
   if (from < 0 || from + len > base.size) throw corrupt(`it reads base bytes ${from}..${from + len} of ${base.size}`);
-  const b = await base.read(from, len);
+  const b = plain(await base.read(from, len));
   if (b.length !== len) throw new EdgefleetError('EF_DELTA_WRONG_BASE', 'the base file changed while the patch was applied');
   return b;
 }
@@ -265,7 +274,7 @@ export async function applyPatch(patch: ByteSource, base: ByteSource | null, sin
         stored.push({ codec, bytes: await r.bytes(encLen) });
       }
       const decoded = Promise.all([Promise.all(stored.map((p) => unpack(p.codec, p.bytes, count, 'tensor plane'))), mode === 'planes' ? null : readBase(b, from, count * width)]).then(([planes, base]) =>
-        fromPlanes(mode, width, planes, base),
+        fromPlanes(mode, kind, planes, base),
       );
       decoded.catch(() => undefined); // awaited in order by drain(); this only marks it handled meanwhile
       pending.push(decoded);

@@ -217,7 +217,7 @@ async function tensorFrames(pair: Pair, base: Uint8Array, target: Uint8Array, ou
     // Pick the mode by order-0 entropy of its planes, then store each plane as cheaply as it goes.
     let best: { mode: TensorMode; planes: Uint8Array[]; est: number[]; total: number } | null = null;
     for (const mode of modes) {
-      const planes = toPlanes(mode, width, t, b);
+      const planes = toPlanes(mode, pair.float, t, b);
       const est = planes.map(entropyBytes);
       const total = est.reduce((a, x) => a + x, 0);
       if (!best || total < best.total) best = { mode, planes, est, total };
