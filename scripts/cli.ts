@@ -135,6 +135,13 @@ function modelLines(name: string, m: ModelSlotReport, desired: number | null): s
     `model       ${name}: serving ${m.active === null ? 'nothing' : `version ${m.active}`} (${m.state}) · desired ${desired ?? '-'}`,
     `            stable ${m.history.join(', ') || '-'} · failed here ${m.failed.join(', ') || '-'} · fallback ${m.fallback ?? '-'}`,
   ];
+  const t = m.transfer;
+  if (t) {
+    const kib = (n: number): string => `${(n / 1024).toFixed(1)} KiB`;
+    lines.push(
+      `            last download: version ${t.version}, ${kib(t.downloadedBytes)} received, ${kib(t.savedBytes)} saved by ${t.patchedFiles} patch(es), ${t.fullFiles} whole file(s)${t.fallbacks > 0 ? `, ${t.fallbacks} fallback(s)` : ''}`,
+    );
+  }
   const v = m.lastVerdict as { version?: number; ok?: boolean; code?: string; reason?: string; failures?: { check: string; value: number; limit: number }[] } | null;
   if (v) {
     const why = v.failures?.length ? v.failures.map((f) => `${f.check} ${f.value}, limit ${f.limit}`).join(', ') : (v.code ?? v.reason ?? '');

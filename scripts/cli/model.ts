@@ -136,7 +136,7 @@ async function publish(ctx: CommandContext, path: string | undefined): Promise<v
 function transferLine(t: { devices: number; downloadedBytes: number; savedBytes: number; reusedBytes: number; patchedFiles: number; fullFiles: number; fallbacks: number }): string {
   if (t.devices === 0) return 'no device has reported installing it yet';
   const whole = t.downloadedBytes + t.savedBytes;
-  const pct = whole === 0 ? 0 : Math.round((100 * t.savedBytes) / whole);
+  const pct = whole === 0 ? 0 : Math.floor((1000 * t.savedBytes) / whole) / 10;
   return `${t.devices} device(s) downloaded ${bytes(t.downloadedBytes)}, saved ${bytes(t.savedBytes)} (${pct} %) with ${t.patchedFiles} patched and ${t.fullFiles} whole file(s)${t.fallbacks > 0 ? `, ${t.fallbacks} patch fallback(s)` : ''}${t.reusedBytes > 0 ? `; ${bytes(t.reusedBytes)} already held` : ''}`;
 }
 
