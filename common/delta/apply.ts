@@ -5,7 +5,7 @@ import * as zlib from 'node:zlib';
 import { EdgefleetError } from '../../proto/index.js';
 import { CODEC, DELTA_HEADER_BYTES, DELTA_LIMITS, FLOAT, FLOAT_WIDTH, FRAME, TENSOR_MODE, type FloatKind, type TensorMode } from '../../proto/delta.js';
 import { Cursor, corrupt, crc32, decodeHeader, unzigzag, type PatchHeader } from './bytes.js';
-import { fromPlanes } from './planes.js';
+import { fromPlanes, popcount } from './planes.js';
 
 /**
  * The reference decoder. It reads the patch front to back once, reads the base at the offsets
@@ -278,17 +278,27 @@ export async function applyPatch(patch: ByteSource, base: ByteSource | null, sin
       const count = await r.varint('tensor element count');
       if (count === 0 || count > DELTA_LIMITS.maxTensorElements) throw new EdgefleetError('EF_DELTA_TOO_LARGE', `a tensor frame of ${count} elements (limit ${DELTA_LIMITS.maxTensorElements})`);
       if (mode !== 'planes' && from + count * width > b.size) throw corrupt(`it reads base bytes ${from}..${from + count * width} of ${b.size}`);
-      const stored: { codec: number; bytes: Uint8Array }[] = [];
-      for (let p = 0; p < width; p++) {
+      // Xor and sub: first the mask of changed elements, whose count is every plane's length.
+      const part = async (rawLen: number, what: string): Promise<Uint8Array> => {
         const codec = await r.u8();
-        const encLen = await r.varint('plane length');
-        if (encLen > slack(count)) throw corrupt(`plane payload of ${encLen} bytes for ${count}`);
+        const encLen = await r.varint(`${what} length`);
+        if (encLen > slack(rawLen)) throw corrupt(`${what} payload of ${encLen} bytes for ${rawLen}`);
         if (encLen > r.left) throw new EdgefleetError('EF_DELTA_TRUNCATED', 'patch ends inside a tensor frame');
-        // Still valid after later reads: the reader never writes into a window it handed out.
-        stored.push({ codec, bytes: await r.bytes(encLen) });
-      }
+        return unpack(codec, await r.bytes(encLen), rawLen, what);
+      };
+      const mask = mode === 'planes' ? null : await part((count + 7) >> 3, 'tensor mask');
+      const m = mask ? popcount(mask) : count;
+      const planes: Uint8Array[] = [];
+      for (let p = 0; p < width; p++) planes.push(await part(m, 'tensor plane'));
       const base = mode === 'planes' ? null : await readBase(b, from, count * width);
-      await out.write(fromPlanes(mode, kind, stored.map((p) => unpack(p.codec, p.bytes, count, 'tensor plane')), base));
+      let bytes: Uint8Array;
+      try {
+        bytes = fromPlanes(mode, kind, count, { mask, planes }, base);
+      } catch (e) {
+        if (e instanceof RangeError) throw corrupt(`tensor frame: its mask does not match its planes`);
+        throw e;
+      }
+      await out.write(bytes);
       continue;
     }
     throw corrupt(`unknown frame type ${type}`);

@@ -215,15 +215,16 @@ async function tensorFrames(pair: Pair, base: Uint8Array, target: Uint8Array, ou
     const b = pair.b ? base.subarray(pair.b.offset + off, pair.b.offset + off + len) : null;
     const modes: TensorMode[] = b ? (width === 8 ? ['xor', 'planes'] : ['sub', 'xor', 'planes']) : ['planes'];
     // Pick the mode by order-0 entropy of its planes, then store each plane as cheaply as it goes.
-    let best: { mode: TensorMode; planes: Uint8Array[]; est: number[]; total: number } | null = null;
+    let best: { mode: TensorMode; parts: Uint8Array[]; est: number[]; total: number } | null = null;
     for (const mode of modes) {
-      const planes = toPlanes(mode, pair.float, t, b);
-      const est = planes.map(entropyBytes);
+      const r = toPlanes(mode, pair.float, t, b);
+      const parts = r.mask ? [r.mask, ...r.planes] : r.planes;
+      const est = parts.map(entropyBytes);
       const total = est.reduce((a, x) => a + x, 0);
-      if (!best || total < best.total) best = { mode, planes, est, total };
+      if (!best || total < best.total) best = { mode, parts, est, total };
     }
     const chosen = best!;
-    const packed = await Promise.all(chosen.planes.map((p, i) => pack(p, quality, chosen.est[i])));
+    const packed = await Promise.all(chosen.parts.map((p, i) => pack(p, quality, chosen.est[i])));
     const head: number[] = [FRAME.tensor, FLOAT[pair.float], TENSOR_MODE[chosen.mode]];
     if (chosen.mode !== 'planes') putVarint(head, pair.b!.offset + off);
     putVarint(head, len / width);

@@ -37,31 +37,57 @@ const EXPONENT: Record<FloatKind, { shift: number; mask: number } | null> = {
  * (about 6 % on real fine-tunes). The decoder derives the same order from the base: it costs no
  * bytes. Returned as the first slot of each exponent: element i goes to `next[key(i)]++`, which
  * walks the elements in file order and touches only a few sequential streams (one per exponent
- * in use), so it stays fast where a permutation array would jump around memory.
+ * in use), so it stays fast where a permutation array would jump around memory. Only the
+ * elements that changed (set in `mask`) take a slot.
  */
-function exponentStarts(base: Uint32Array | Uint16Array, shift: number, mask: number): Uint32Array {
+function exponentStarts(base: Uint32Array | Uint16Array, shift: number, mask: number, changed: Uint8Array): Uint32Array {
   const n = base.length;
   const next = new Uint32Array(mask + 2);
-  for (let i = 0; i < n; i++) next[((base[i]! >>> shift) & mask) + 1]!++;
+  for (let i = 0; i < n; i++) if (changed[i >> 3]! & (1 << (i & 7))) next[((base[i]! >>> shift) & mask) + 1]!++;
   for (let k = 0; k <= mask; k++) next[k + 1]! += next[k]!;
   return next;
 }
 
+export interface Residuals {
+  /** xor and sub: bit i (LSB first) set when element i differs from the base; null in planes mode. */
+  mask: Uint8Array | null;
+  /** One array per byte, most significant first: every element (planes), or the changed ones (xor, sub). */
+  planes: Uint8Array[];
+}
+
+export function popcount(mask: Uint8Array): number {
+  let m = 0;
+  for (let k = 0; k < mask.length; k++) {
+    let x = mask[k]!;
+    while (x) {
+      x &= x - 1;
+      m++;
+    }
+  }
+  return m;
+}
+
+/** A residual of one element: itself (planes), target XOR base (xor), zigzag(target − base) as integers (sub). */
+function residual32(xor: boolean, t: number, b: number): number {
+  if (xor) return (t ^ b) >>> 0;
+  const d = (t - b) | 0;
+  return ((d << 1) ^ (d >> 31)) >>> 0;
+}
+
 /**
- * Splits `n` elements into byte planes, most significant byte first, after replacing each target
- * element by its residual against the base: itself (planes), target XOR base (xor), or
- * zigzag(target − base) of the bit patterns as integers (sub; 2- and 4-byte kinds). In xor and
- * sub modes the elements of 2- and 4-byte kinds are placed in the base's exponent order.
+ * Splits the target's elements into byte planes. Planes mode: every element, in file order. Xor
+ * and sub modes: a mask of the elements that changed, then the residuals of those alone (runs of
+ * untouched weights, such as the rows of inputs that are always zero, then cost a few bits), in
+ * the base's exponent order for 2- and 4-byte kinds, in file order for f64 (xor only).
  */
-export function toPlanes(mode: TensorMode, kind: FloatKind, target: Uint8Array, base: Uint8Array | null): Uint8Array[] {
+export function toPlanes(mode: TensorMode, kind: FloatKind, target: Uint8Array, base: Uint8Array | null): Residuals {
   const width = FLOAT_WIDTH[kind];
   const n = target.length / width;
-  const planes = Array.from({ length: width }, () => new Uint8Array(n));
-  const ex = EXPONENT[kind];
-  if (width === 4) {
-    const t = u32(target);
-    const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
-    if (mode === 'planes' || !base) {
+  if (mode === 'planes' || !base) {
+    const planes = Array.from({ length: width }, () => new Uint8Array(n));
+    if (width === 4) {
+      const t = u32(target);
+      const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
       for (let i = 0; i < n; i++) {
         const v = t[i]!;
         p0[i] = v >>> 24;
@@ -69,121 +95,141 @@ export function toPlanes(mode: TensorMode, kind: FloatKind, target: Uint8Array, 
         p2[i] = (v >>> 8) & 0xff;
         p3[i] = v & 0xff;
       }
-      return planes;
+    } else {
+      for (let i = 0; i < n; i++) for (let k = 0; k < width; k++) planes[k]![i] = target[i * width + (width - 1 - k)]!;
     }
+    return { mask: null, planes };
+  }
+  const mask = new Uint8Array((n + 7) >> 3);
+  const xor = mode === 'xor';
+  if (width === 4) {
+    const t = u32(target);
     const b = u32(base);
-    const { shift, mask } = ex!;
-    const next = exponentStarts(b, shift, mask);
-    const xor = mode === 'xor';
+    for (let i = 0; i < n; i++) if (t[i] !== b[i]) mask[i >> 3]! |= 1 << (i & 7);
+    const m = popcount(mask);
+    const planes = Array.from({ length: 4 }, () => new Uint8Array(m));
+    const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
+    const { shift, mask: em } = EXPONENT[kind]!;
+    const next = exponentStarts(b, shift, em, mask);
     for (let i = 0; i < n; i++) {
+      if (!(mask[i >> 3]! & (1 << (i & 7)))) continue;
       const bi = b[i]!;
-      const ti = t[i]!;
-      let v: number;
-      if (xor) v = (ti ^ bi) >>> 0;
-      else {
-        const d = (ti - bi) | 0;
-        v = ((d << 1) ^ (d >> 31)) >>> 0;
-      }
-      const j = next[(bi >>> shift) & mask]!++;
+      const v = residual32(xor, t[i]!, bi);
+      const j = next[(bi >>> shift) & em]!++;
       p0[j] = v >>> 24;
       p1[j] = (v >>> 16) & 0xff;
       p2[j] = (v >>> 8) & 0xff;
       p3[j] = v & 0xff;
     }
-    return planes;
+    return { mask, planes };
   }
   if (width === 2) {
     const t = u16(target);
-    const [p0, p1] = planes as [Uint8Array, Uint8Array];
-    if (mode === 'planes' || !base) {
-      for (let i = 0; i < n; i++) {
-        p0[i] = t[i]! >>> 8;
-        p1[i] = t[i]! & 0xff;
-      }
-      return planes;
-    }
     const b = u16(base);
-    const { shift, mask } = ex!;
-    const next = exponentStarts(b, shift, mask);
+    for (let i = 0; i < n; i++) if (t[i] !== b[i]) mask[i >> 3]! |= 1 << (i & 7);
+    const m = popcount(mask);
+    const planes = [new Uint8Array(m), new Uint8Array(m)];
+    const [p0, p1] = planes as [Uint8Array, Uint8Array];
+    const { shift, mask: em } = EXPONENT[kind]!;
+    const next = exponentStarts(b, shift, em, mask);
     for (let i = 0; i < n; i++) {
+      if (!(mask[i >> 3]! & (1 << (i & 7)))) continue;
       const bi = b[i]!;
       let v = t[i]!;
-      if (mode === 'xor') v ^= bi;
+      if (xor) v ^= bi;
       else {
         const d = ((v - bi) << 16) >> 16;
         v = ((d << 1) ^ (d >> 15)) & 0xffff;
       }
-      const j = next[(bi >>> shift) & mask]!++;
+      const j = next[(bi >>> shift) & em]!++;
       p0[j] = v >>> 8;
       p1[j] = v & 0xff;
     }
-    return planes;
+    return { mask, planes };
   }
-  // 8 bytes (f64): planes or xor only, in file order.
+  // 8 bytes (f64): xor only, changed elements in file order.
   for (let i = 0; i < n; i++) {
     for (let k = 0; k < 8; k++) {
-      const at = i * 8 + (7 - k);
-      planes[k]![i] = base && mode === 'xor' ? target[at]! ^ base[at]! : target[at]!;
+      if (target[i * 8 + k] !== base[i * 8 + k]) {
+        mask[i >> 3]! |= 1 << (i & 7);
+        break;
+      }
     }
   }
-  return planes;
+  const m = popcount(mask);
+  const planes = Array.from({ length: 8 }, () => new Uint8Array(m));
+  for (let i = 0, j = 0; i < n; i++) {
+    if (!(mask[i >> 3]! & (1 << (i & 7)))) continue;
+    for (let k = 0; k < 8; k++) planes[k]![j] = target[i * 8 + (7 - k)]! ^ base[i * 8 + (7 - k)]!;
+    j++;
+  }
+  return { mask, planes };
 }
 
-/** The inverse of toPlanes: the target bytes from planes (and the base for xor and sub). */
-export function fromPlanes(mode: TensorMode, kind: FloatKind, planes: Uint8Array[], base: Uint8Array | null): Uint8Array {
+/**
+ * The inverse of toPlanes: `n` target elements from the planes (and, in xor and sub modes, the
+ * mask and the base). The mask must have exactly as many bits set as the planes have bytes, and
+ * none past `n`: a patch that says otherwise is corrupt.
+ */
+export function fromPlanes(mode: TensorMode, kind: FloatKind, n: number, r: Residuals, base: Uint8Array | null): Uint8Array {
   const width = FLOAT_WIDTH[kind];
-  const n = planes[0]!.length;
   const out = new Uint8Array(n * width);
-  const ex = EXPONENT[kind];
+  const { planes } = r;
+  if (mode === 'planes' || !base || !r.mask) {
+    if (planes.some((p) => p.length !== n)) throw new RangeError('plane lengths');
+    if (width === 4) {
+      const o = new Uint32Array(out.buffer);
+      const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
+      for (let i = 0; i < n; i++) o[i] = (p0[i]! << 24) | (p1[i]! << 16) | (p2[i]! << 8) | p3[i]!;
+    } else {
+      for (let i = 0; i < n; i++) for (let k = 0; k < width; k++) out[i * width + (width - 1 - k)] = planes[k]![i]!;
+    }
+    return out;
+  }
+  const mask = r.mask;
+  const m = planes[0]!.length;
+  if (mask.length !== (n + 7) >> 3 || popcount(mask) !== m || planes.some((p) => p.length !== m) || (n & 7 && mask[mask.length - 1]! >> (n & 7))) throw new RangeError('mask');
   if (width === 4) {
     const o = new Uint32Array(out.buffer);
-    const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
-    if (mode === 'planes' || !base) {
-      for (let i = 0; i < n; i++) o[i] = (p0[i]! << 24) | (p1[i]! << 16) | (p2[i]! << 8) | p3[i]!;
-      return out;
-    }
     const b = u32(base);
-    const { shift, mask } = ex!;
-    const next = exponentStarts(b, shift, mask);
-    if (mode === 'xor') {
-      for (let i = 0; i < n; i++) {
-        const bi = b[i]!;
-        const j = next[(bi >>> shift) & mask]!++;
-        o[i] = ((p0[j]! << 24) | (p1[j]! << 16) | (p2[j]! << 8) | p3[j]!) ^ bi;
+    const [p0, p1, p2, p3] = planes as [Uint8Array, Uint8Array, Uint8Array, Uint8Array];
+    const { shift, mask: em } = EXPONENT[kind]!;
+    const next = exponentStarts(b, shift, em, mask);
+    const xor = mode === 'xor';
+    for (let i = 0; i < n; i++) {
+      const bi = b[i]!;
+      if (!(mask[i >> 3]! & (1 << (i & 7)))) {
+        o[i] = bi;
+        continue;
       }
-    } else {
-      for (let i = 0; i < n; i++) {
-        const bi = b[i]!;
-        const j = next[(bi >>> shift) & mask]!++;
-        const v = (p0[j]! << 24) | (p1[j]! << 16) | (p2[j]! << 8) | p3[j]!;
-        o[i] = (bi + ((v >>> 1) ^ -(v & 1))) | 0;
-      }
+      const j = next[(bi >>> shift) & em]!++;
+      const v = (p0[j]! << 24) | (p1[j]! << 16) | (p2[j]! << 8) | p3[j]!;
+      o[i] = xor ? v ^ bi : (bi + ((v >>> 1) ^ -(v & 1))) | 0;
     }
     return out;
   }
   if (width === 2) {
     const o = new Uint16Array(out.buffer);
-    const [p0, p1] = planes as [Uint8Array, Uint8Array];
-    if (mode === 'planes' || !base) {
-      for (let i = 0; i < n; i++) o[i] = (p0[i]! << 8) | p1[i]!;
-      return out;
-    }
     const b = u16(base);
-    const { shift, mask } = ex!;
-    const next = exponentStarts(b, shift, mask);
+    const [p0, p1] = planes as [Uint8Array, Uint8Array];
+    const { shift, mask: em } = EXPONENT[kind]!;
+    const next = exponentStarts(b, shift, em, mask);
     for (let i = 0; i < n; i++) {
       const bi = b[i]!;
-      const j = next[(bi >>> shift) & mask]!++;
+      if (!(mask[i >> 3]! & (1 << (i & 7)))) {
+        o[i] = bi;
+        continue;
+      }
+      const j = next[(bi >>> shift) & em]!++;
       const v = (p0[j]! << 8) | p1[j]!;
       o[i] = mode === 'xor' ? v ^ bi : bi + ((v >>> 1) ^ -(v & 1));
     }
     return out;
   }
-  for (let i = 0; i < n; i++) {
-    for (let k = 0; k < 8; k++) {
-      const at = i * 8 + (7 - k);
-      out[at] = base && mode === 'xor' ? planes[k]![i]! ^ base[at]! : planes[k]![i]!;
-    }
+  for (let i = 0, j = 0; i < n; i++) {
+    const changed = mask[i >> 3]! & (1 << (i & 7));
+    for (let k = 0; k < 8; k++) out[i * 8 + (7 - k)] = changed ? planes[k]![j]! ^ base[i * 8 + (7 - k)]! : base[i * 8 + (7 - k)]!;
+    if (changed) j++;
   }
   return out;
 }
