@@ -7,23 +7,10 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { FLOAT_WIDTH } from '../../proto/delta.js';
 import { LayoutError, layoutOf, onnxTensorRanges, tfjsShardRanges, tfjsWeightsFiles, type TensorRange } from '../../common/delta/layout.js';
+import { expectValidLayout } from '../helpers/layout.js';
 
 const RUNS = 200;
 
-function expectValid(ranges: TensorRange[], fileSize: number): void {
-  let end = 0;
-  const names = new Set<string>();
-  for (const r of ranges) {
-    expect(Number.isSafeInteger(r.offset) && Number.isSafeInteger(r.length)).toBe(true);
-    expect(r.length).toBeGreaterThan(0);
-    expect(r.offset).toBeGreaterThanOrEqual(end);
-    expect(r.offset + r.length).toBeLessThanOrEqual(fileSize);
-    if (r.float !== null) expect(r.length % FLOAT_WIDTH[r.float]).toBe(0);
-    expect(names.has(r.name)).toBe(false);
-    names.add(r.name);
-    end = r.offset + r.length;
-  }
-}
 
 /** Valid ranges, or LayoutError; any other outcome fails the property. */
 function parseOrReject(parse: () => TensorRange[], fileSize: number): void {
@@ -34,7 +21,7 @@ function parseOrReject(parse: () => TensorRange[], fileSize: number): void {
     if (e instanceof LayoutError) return;
     throw e;
   }
-  expectValid(ranges, fileSize);
+  expectValidLayout(ranges, fileSize);
 }
 
 function varint(n: number): number[] {
@@ -164,7 +151,7 @@ describe('tfjsShardRanges on generated manifests', () => {
         let covered = 0;
         for (const s of shards) {
           const ranges = tfjsShardRanges(json, s.path, s.size);
-          expectValid(ranges, s.size);
+          expectValidLayout(ranges, s.size);
           expect(layoutOf(`/models/x/${s.path}`, new Uint8Array(s.size), json)).toEqual({ kind: 'tfjs', ranges });
           for (const r of ranges) {
             covered += r.length;

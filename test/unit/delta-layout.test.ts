@@ -5,23 +5,9 @@
  */
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { FLOAT_WIDTH } from '../../proto/delta.js';
 import { LayoutError, layoutOf, onnxTensorRanges, tfjsShardRanges, tfjsWeightsFiles, type TensorRange } from '../../common/delta/layout.js';
+import { expectValidLayout } from '../helpers/layout.js';
 
-/** The invariants every layout promises its callers. */
-function expectValid(ranges: TensorRange[], fileSize: number): void {
-  let end = 0;
-  const names = new Set<string>();
-  for (const r of ranges) {
-    expect(r.length).toBeGreaterThan(0);
-    expect(r.offset).toBeGreaterThanOrEqual(end);
-    expect(r.offset + r.length).toBeLessThanOrEqual(fileSize);
-    if (r.float !== null) expect(r.length % FLOAT_WIDTH[r.float]).toBe(0);
-    expect(names.has(r.name)).toBe(false);
-    names.add(r.name);
-    end = r.offset + r.length;
-  }
-}
 
 // --- A protobuf writer just big enough to build ONNX models (field numbers from onnx.proto). ---
 
@@ -138,7 +124,7 @@ describe('onnxTensorRanges on hand-built models', () => {
     ];
     const ranges = onnxTensorRanges(file);
     expect(ranges).toEqual(expected.map(([name, i, float]) => ({ name, offset: at(file, p[i]!), length: p[i]!.length, float })));
-    expectValid(ranges, file.length);
+    expectValidLayout(ranges, file.length);
   });
 
   it('accepts unpacked typed data without reporting it', () => {
@@ -190,7 +176,7 @@ describe('onnxTensorRanges on the silero VAD models', () => {
 
   it.each(Object.keys(SILERO) as (keyof typeof SILERO)[])('%s: valid ranges whose floats are plausible weights', (k) => {
     const ranges = layouts[k];
-    expectValid(ranges, files[k].length);
+    expectValidLayout(ranges, files[k].length);
     expect(layoutOf(SILERO[k], files[k])).toEqual({ kind: 'onnx', ranges });
     // A range off by a byte would read as huge, tiny or NaN values; real weights are none of
     // those (the largest is a 2^20 constant in v4).
