@@ -134,11 +134,11 @@ class Walker {
     });
     if (attributes.length === 0) return;
     const nodePath = this.join(path, '/', name || `${opType || 'node'}[${index}]`);
-    for (let i = 0; i < attributes.length; i += 2) this.attribute(attributes[i]!, attributes[i + 1]!, nodePath, i / 2, depth + 1);
+    for (let i = 0; i < attributes.length; i += 2) this.attribute(attributes[i]!, attributes[i + 1]!, path, nodePath, i / 2, depth + 1);
   }
 
   /** AttributeProto: name = 1, t = 5, g = 6, tensors = 10, graphs = 11. */
-  private attribute(start: number, end: number, nodePath: string, index: number, depth: number): void {
+  private attribute(start: number, end: number, graphPath: string, nodePath: string, index: number, depth: number): void {
     this.deeper(depth);
     let name = '';
     const parts: number[] = [];
@@ -158,8 +158,10 @@ class Walker {
     for (let i = 0; i < parts.length; i += 3) {
       const [field, from, to] = [parts[i]!, parts[i + 1]!, parts[i + 2]!];
       if (field === 5) {
-        // A Constant's value: its own name is usually empty, the attribute path identifies it.
-        this.tensor(from, to, depth + 1, () => path);
+        // A Constant's value: by its own name in the graph when it has one (exporters store the
+        // parameter's name there, which survives constants added or removed elsewhere), else by
+        // the attribute's path, which holds only while the graph's node order does.
+        this.tensor(from, to, depth + 1, (own) => (own ? this.join(graphPath, '/', own) : path));
       } else if (field === 6) {
         this.graph(from, to, path, depth + 1);
       } else if (field === 10) {
