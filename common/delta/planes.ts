@@ -40,7 +40,16 @@ const EXPONENT: Record<FloatKind, { shift: number; mask: number } | null> = {
  * in use), so it stays fast where a permutation array would jump around memory. Only the
  * elements that changed (set in `mask`) take a slot.
  */
-function exponentStarts(base: Uint32Array | Uint16Array, shift: number, mask: number, changed: Uint8Array): Uint32Array {
+function exponentStarts(base: Uint32Array, shift: number, mask: number, changed: Uint8Array): Uint32Array {
+  const n = base.length;
+  const next = new Uint32Array(mask + 2);
+  for (let i = 0; i < n; i++) if (changed[i >> 3]! & (1 << (i & 7))) next[((base[i]! >>> shift) & mask) + 1]!++;
+  for (let k = 0; k <= mask; k++) next[k + 1]! += next[k]!;
+  return next;
+}
+
+/** exponentStarts for 2-byte elements; a separate function keeps each loop's element access monomorphic. */
+function exponentStarts16(base: Uint16Array, shift: number, mask: number, changed: Uint8Array): Uint32Array {
   const n = base.length;
   const next = new Uint32Array(mask + 2);
   for (let i = 0; i < n; i++) if (changed[i >> 3]! & (1 << (i & 7))) next[((base[i]! >>> shift) & mask) + 1]!++;
@@ -131,7 +140,7 @@ export function toPlanes(mode: TensorMode, kind: FloatKind, target: Uint8Array, 
     const planes = [new Uint8Array(m), new Uint8Array(m)];
     const [p0, p1] = planes as [Uint8Array, Uint8Array];
     const { shift, mask: em } = EXPONENT[kind]!;
-    const next = exponentStarts(b, shift, em, mask);
+    const next = exponentStarts16(b, shift, em, mask);
     for (let i = 0; i < n; i++) {
       if (!(mask[i >> 3]! & (1 << (i & 7)))) continue;
       const bi = b[i]!;
@@ -213,7 +222,7 @@ export function fromPlanes(mode: TensorMode, kind: FloatKind, n: number, r: Resi
     const b = u16(base);
     const [p0, p1] = planes as [Uint8Array, Uint8Array];
     const { shift, mask: em } = EXPONENT[kind]!;
-    const next = exponentStarts(b, shift, em, mask);
+    const next = exponentStarts16(b, shift, em, mask);
     for (let i = 0; i < n; i++) {
       const bi = b[i]!;
       if (!(mask[i >> 3]! & (1 << (i & 7)))) {
