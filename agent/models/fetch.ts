@@ -197,7 +197,7 @@ export async function fetchFileDelta(store: ModelStore, auth: FetchAuth, file: M
     opts.onFallback(err);
   }
   if (offer?.delta && offer.delta.size < file.size) {
-    const patchPart = store.partialPath(offer.delta.sha256);
+    const patchPart = store.patchPath(offer.delta.sha256);
     const out = store.partialPath(file.sha256);
     try {
       const before = stats.bytesDownloaded;

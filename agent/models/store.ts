@@ -25,6 +25,9 @@ import { fsyncDir, sha256File, writeFileAtomic } from '../../common/files.js';
  * cut leaves either the old state or the new one. Views are built in a temporary directory and
  * renamed into place whole. Nothing here trusts what is on disk: `verifyVersion` re-hashes.
  */
+/** Patches and temporary files in partial/ younger than this are left to the download using them. */
+const TRANSIENT_PARTIAL_MS = 60 * 60 * 1000;
+
 export class ModelStore {
   readonly root: string;
 
@@ -41,6 +44,11 @@ export class ModelStore {
 
   blobPath(sha256: string): string {
     return join(this.root, 'blobs', sha256);
+  }
+
+  /** A delta patch being downloaded: resumed like a file, collected only when stale. */
+  patchPath(sha256: string): string {
+    return join(this.root, 'partial', `${sha256}.patch`);
   }
 
   partialPath(sha256: string): string {
@@ -175,6 +183,14 @@ export class ModelStore {
       }
     }
     for (const blob of readdirSync(join(this.root, 'blobs'))) if (!referenced.has(blob)) rmSync(join(this.root, 'blobs', blob), { force: true });
-    for (const part of readdirSync(join(this.root, 'partial'))) if (!referenced.has(part.replace(/\.part$/, ''))) rmSync(join(this.root, 'partial', part), { force: true });
+    const stale = Date.now() - TRANSIENT_PARTIAL_MS;
+    for (const part of readdirSync(join(this.root, 'partial'))) {
+      const path = join(this.root, 'partial', part);
+      // A patch being downloaded or applied (for another model, perhaps) is named by no manifest:
+      // it goes only once nothing has touched it for a while.
+      if (part.endsWith('.patch') || part.startsWith('.')) {
+        if ((statSync(path, { throwIfNoEntry: false })?.mtimeMs ?? 0) < stale) rmSync(path, { force: true });
+      } else if (!referenced.has(part.replace(/\.part$/, ''))) rmSync(path, { force: true });
+    }
   }
 }

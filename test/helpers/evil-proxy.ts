@@ -105,11 +105,14 @@ export async function startEvilProxy(upstream: string, target: EvilTarget, mode:
       return;
     }
     const manifestPath = `/v1/models/${encodeURIComponent(target.name)}/${target.version}/manifest`;
-    const isManifest = method === 'GET' && path === manifestPath && MANIFEST_MODES.has(mode);
-    const sha = /^\/v1\/artifacts\/([0-9a-f]{64})$/.exec(path)?.[1];
+    // With or without `?base=` (the agent offers a base to get a JSON patch): asked upstream
+    // without it, so that what comes back is a whole manifest to corrupt.
+    const isManifest = method === 'GET' && path.split('?')[0] === manifestPath && MANIFEST_MODES.has(mode);
+    // A file comes whole from /v1/artifacts, or as a patch or image from /v1/deltas/{file}/{patch}.
+    const sha = /^\/v1\/(?:artifacts|deltas)\/([0-9a-f]{64})(?:\/[0-9a-f]{64})?$/.exec(path)?.[1];
     const isFile = method === 'GET' && sha !== undefined && target.sha256s.includes(sha) && FILE_MODES.has(mode);
 
-    let upstreamPath = path;
+    let upstreamPath = isManifest ? manifestPath : path;
     if (isManifest && mode === 'swap-version') {
       if (target.swapWith === undefined) throw new Error('swap-version needs target.swapWith');
       upstreamPath = `/v1/models/${encodeURIComponent(target.name)}/${target.swapWith}/manifest`;
