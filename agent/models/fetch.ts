@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { closeSync, createReadStream, fsyncSync, openSync, rmSync, statSync, truncateSync, writeSync } from 'node:fs';
 import jsonpatch from 'fast-json-patch';
 import { applyPatchFile } from '../../common/delta/index.js';
-import { DeltaOffer, EdgefleetError, MAX_MANIFEST_BYTES, SignedManifest, decodeJson, type ModelFile } from '../../proto/index.js';
+import { DeltaOffer, EdgefleetError, MAX_MANIFEST_BYTES, SignedManifest, decodeJson, isEdgefleetError, type ModelFile } from '../../proto/index.js';
 import type { ModelStore } from './store.js';
 
 export interface FetchAuth {
@@ -170,8 +170,9 @@ export interface DeltaFetchOptions {
 /**
  * Fetches one file as a patch against a file this device holds, or as a compressed image, when
  * the fleet offers one; applies it with bounded memory and adopts it only when the result hashes
- * to the signed sha256. Anything else (no offer, a refused or failed patch, a timeout) falls back
- * to the whole file. Aborting aborts; it does not fall back.
+ * to the signed sha256. No offer (or none in time), or a patch that is refused or fails, falls
+ * back to the whole file. A link that fails while a patch downloads throws, as for a whole file:
+ * the version is retried and the patch resumes. Aborting aborts.
  */
 export async function fetchFileDelta(store: ModelStore, auth: FetchAuth, file: ModelFile, stats: FetchStats, opts: DeltaFetchOptions, signal: AbortSignal): Promise<void> {
   if (store.hasBlob(file.sha256, file.size)) {
@@ -200,7 +201,6 @@ export async function fetchFileDelta(store: ModelStore, auth: FetchAuth, file: M
     const patchPart = store.patchPath(offer.delta.sha256);
     const out = store.partialPath(file.sha256);
     try {
-      const before = stats.bytesDownloaded;
       await download(auth, `/v1/deltas/${file.sha256}/${offer.delta.sha256}`, { ...offer.delta, label: `${offer.kind} of ${file.path}` }, patchPart, stats, signal);
       const basePath = offer.kind === 'patch' && opts.base ? store.blobPath(opts.base) : null;
       const result = await applyPatchFile(basePath, patchPart, out, { maxTargetBytes: file.size, ...(basePath && opts.base ? { baseSha256: opts.base } : {}) });
@@ -209,15 +209,17 @@ export async function fetchFileDelta(store: ModelStore, auth: FetchAuth, file: M
         throw new EdgefleetError('EF_DELTA_TARGET_MISMATCH', `${offer.kind} of ${file.path} produced another file than the manifest signs`);
       }
       store.adoptBlob(out, file.sha256);
+      rmSync(patchPart, { force: true });
       stats.patchedFiles++;
-      stats.savedBytes += Math.max(0, file.size - (stats.bytesDownloaded - before));
+      stats.savedBytes += file.size - offer.delta.size;
       return;
     } catch (err) {
-      if (signal.aborted) throw err;
+      // The link failing is not the patch's fault: it is retried with the rest of the version,
+      // and the partial patch resumes. Anything the patch did wrong drops it for the whole file.
+      if (signal.aborted || !isEdgefleetError(err)) throw err;
+      rmSync(patchPart, { force: true });
       stats.fallbacks++;
       opts.onFallback(err);
-    } finally {
-      rmSync(patchPart, { force: true });
     }
   }
   await fetchFile(store, auth, file, stats, signal);

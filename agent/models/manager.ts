@@ -436,7 +436,8 @@ export class ModelManager implements ModelHost {
       }
       for (const k of Object.keys(stats) as (keyof FetchStats)[]) this.fetchStats[k] += stats[k];
       if (signal.aborted) return this.abandon(slot);
-      const transfer = { version: want, downloadedBytes: stats.bytesDownloaded, savedBytes: stats.savedBytes, reusedBytes: stats.reusedBytes, patchedFiles: stats.patchedFiles, fullFiles: stats.fullFiles, fallbacks: stats.fallbacks };
+      // Bytes resumed came over the link on an earlier attempt at this version: they count too.
+      const transfer = { version: want, downloadedBytes: stats.bytesDownloaded + stats.bytesResumed, savedBytes: stats.savedBytes, reusedBytes: stats.reusedBytes, patchedFiles: stats.patchedFiles, fullFiles: stats.fullFiles, fallbacks: stats.fallbacks };
       this.transition(slot, 'verifying', { transfer });
       this.store.buildView(signed.manifest);
       this.store.verifyVersion(signed.manifest);
