@@ -61,11 +61,12 @@ export class DeltaService {
   async offer(target: string, base: string | null): Promise<DeltaOffer> {
     const full = this.deps.blobs.sizeOf(target);
     if (full === null) throw new Error(`artifact ${target} is not stored`);
-    const image = await this.ensure(target, null);
     const useBase = base !== null && base !== target && this.deps.blobs.sizeOf(base) !== null ? base : null;
     const patch = useBase ? await this.ensure(target, useBase) : null;
+    // Images of float weights shrink by a quarter at best: a patch under half the file needs no comparison.
+    const image = patch && patch.size <= full / 2 ? null : await this.ensure(target, null);
     const keep = 1 - this.opts.minSavings;
-    const sizes = { full, image: image.size, patch: patch?.size ?? null };
+    const sizes = { full, image: image?.size ?? null, patch: patch?.size ?? null };
     const offer = (kind: DeltaOffer['kind'], m: Meta | null): DeltaOffer => ({
       kind,
       target: { sha256: target, size: full },
@@ -73,8 +74,8 @@ export class DeltaService {
       delta: m ? { sha256: m.sha256, size: m.size } : null,
       sizes,
     });
-    if (patch && patch.size <= image.size * keep && patch.size < full) return offer('patch', patch);
-    if (image.size <= full * keep) return offer('image', image);
+    if (patch && (image === null || patch.size <= image.size * keep) && patch.size < full) return offer('patch', patch);
+    if (image && image.size <= full * keep) return offer('image', image);
     return offer('full', null);
   }
 
