@@ -211,7 +211,8 @@ describe('tfjsShardRanges on generated manifests', () => {
           if (!(e instanceof LayoutError)) throw e;
         }
         parseOrReject(() => tfjsShardRanges(json, shard, size), size);
-        const l = layoutOf(shard, new Uint8Array(Number.isSafeInteger(size) && size >= 0 ? size : 0), json);
+        // The file itself stays small: fc.double() gives sizes no test should allocate.
+        const l = layoutOf(shard, new Uint8Array(Number.isSafeInteger(size) && size >= 0 && size <= 4096 ? size : 0), json);
         expect(['tfjs', 'none']).toContain(l.kind);
       }),
       { numRuns: RUNS },
