@@ -125,15 +125,8 @@ export interface ModelTransferRow {
   at: number;
 }
 
-export interface ModelTransferTotals {
-  devices: number;
-  downloadedBytes: number;
-  savedBytes: number;
-  reusedBytes: number;
-  patchedFiles: number;
-  fullFiles: number;
-  fallbacks: number;
-}
+/** Sums over the devices that reported installing one version. */
+export type ModelTransferTotals = Omit<ModelTransferRow, 'deviceId' | 'name' | 'version' | 'at'> & { devices: number };
 
 /** Where an artifact is named: a model version and the path it has there. */
 export interface ArtifactUse {

@@ -2,7 +2,8 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
+import { Readable, Writable } from 'node:stream';
+import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { applyPatchBuffer, layoutOf } from '../../common/delta/index.js';
 import { silentLogger } from '../../common/log.js';
@@ -35,6 +36,8 @@ function tuned(m: number, seed: number): Buffer {
 let dir: string;
 let store: FleetStore;
 let blobStore: ArtifactStore;
+/** The fleet's log lines, to count the patches it computed. */
+const logged: string[] = [];
 let base: string;
 let device: string;
 const v1 = SILERO;
@@ -60,7 +63,8 @@ beforeAll(async () => {
   const blobs = new ArtifactStore(join(dir, 'artifacts'));
   blobStore = blobs;
   const registry = new Registry(store, blobs, new FleetKeyring({ dataDir: dir }));
-  const deltas = new DeltaService({ dir: join(dir, 'deltas'), minSavings: 0.1, cacheMaxBytes: 64 << 20 }, { store, blobs, log: silentLogger(), now: Date.now });
+  const log = pino({ level: 'info' }, new Writable({ write: (chunk: Buffer, _enc, cb) => cb(void logged.push(chunk.toString())) }));
+  const deltas = new DeltaService({ dir: join(dir, 'deltas'), minSavings: 0.1, cacheMaxBytes: 64 << 20 }, { store, blobs, log, now: Date.now });
   const server = new ArtifactServer({ host: '127.0.0.1', port: 0, maxFileBytes: 8 << 20, authCacheSec: 60 }, { store, registry, blobs, deltas, log: silentLogger() });
   await server.start();
   onCleanup(() => server.stop());
@@ -109,8 +113,12 @@ describe('delta offers', () => {
   });
 
   it('computes each pair once: concurrent asks share it, later ones read the cache', async () => {
+    const computed = (): number => logged.filter((l) => l.includes('delta patch computed') && l.includes(`"target":"${sha(v1)}"`)).length;
     const again = await Promise.all([1, 2, 3].map(() => offer(sha(v1), sha(v2))));
     expect(new Set(again.map((a) => a.offer!.delta?.sha256 ?? 'none')).size).toBe(1);
+    expect(computed()).toBe(1);
+    await offer(sha(v1), sha(v2));
+    expect(computed()).toBe(1);
     const files = readdirSync(join(dir, 'deltas', sha(v1)));
     expect(files.filter((f) => f.endsWith('.efdp'))).toEqual([`${sha(v2)}.efdp`]);
   });
