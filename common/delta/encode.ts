@@ -258,7 +258,9 @@ export async function createPatch(base: Uint8Array | null, target: Uint8Array, o
   const sections = new Sections();
   // Program frames (structure, text, literals) are small and gain more from the higher quality.
   const program = new Program(target, out, sections, Math.max(quality, 9));
-  const index = b.length > 0 ? new BaseIndex(b) : null;
+  const pairs = pairTensors(b, target, opts);
+  const skip = pairs.flatMap((p) => (p.b ? [p.b] : [])).sort((x, y) => x.offset - y.offset);
+  const index = b.length > 0 ? new BaseIndex(b, skip) : null;
   let disp = 0;
   const generic = async (start: number, end: number): Promise<void> => {
     if (start >= end) return;
@@ -271,7 +273,7 @@ export async function createPatch(base: Uint8Array | null, target: Uint8Array, o
     }
   };
   let at = 0;
-  for (const pair of pairTensors(b, target, opts)) {
+  for (const pair of pairs) {
     await generic(at, pair.t.offset);
     at = pair.t.offset + pair.t.length;
     if (pair.b && sameBytes(target.subarray(pair.t.offset, at), b.subarray(pair.b.offset, pair.b.offset + pair.b.length))) {

@@ -43,20 +43,38 @@ export class BaseIndex {
   private readonly table: Int32Array;
   private readonly mask: number;
 
-  constructor(private readonly base: Uint8Array) {
-    const entries = Math.max(1, Math.ceil(base.length / STEP));
+  /**
+   * `skip`: base ranges not worth indexing, sorted (the float tensors, which TENSOR frames handle):
+   * on a model the rest is a few percent of the file, so the index, and the time to build it,
+   * shrink by as much. Matches may still run into skipped bytes; they only cannot start there.
+   */
+  constructor(
+    private readonly base: Uint8Array,
+    skip: readonly { offset: number; length: number }[] = [],
+  ) {
+    const indexed = base.length - skip.reduce((a, r) => a + r.length, 0);
+    const entries = Math.max(1, Math.ceil(indexed / STEP));
     let size = 1024;
     while (size < entries * 2 && size < 1 << 24) size *= 2;
     this.table = new Int32Array(size).fill(-1);
     this.mask = size - 1;
-    if (base.length < W) return;
-    let h = hashAt(base, 0);
-    for (let i = 0; ; i++) {
+    let from = 0;
+    for (const r of [...skip, { offset: base.length, length: 0 }]) {
+      this.indexRegion(from, Math.min(r.offset, base.length));
+      from = Math.max(from, r.offset + r.length);
+    }
+  }
+
+  private indexRegion(start: number, end: number): void {
+    const base = this.base;
+    if (end - start < W) return;
+    let h = hashAt(base, start);
+    for (let i = start; ; i++) {
       if (i % STEP === 0) {
         const s = slot(h, this.mask);
         if (this.table[s] === -1) this.table[s] = i; // keep the first: earlier bytes are likelier to be the counterpart
       }
-      if (i + W >= base.length) break;
+      if (i + W >= end) break;
       h = roll(h, base[i]!, base[i + W]!);
     }
   }
