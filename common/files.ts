@@ -35,6 +35,11 @@ export function fsyncDir(dir: string): void {
   }
 }
 
+/** The hex sha256 of bytes in memory. */
+export function sha256Hex(bytes: Uint8Array): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
 /** The hex sha256 of a file, read in 1 MiB pieces (a model of gigabytes never sits in memory). */
 export function sha256File(path: string): string {
   const hash = createHash('sha256');

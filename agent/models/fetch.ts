@@ -147,12 +147,16 @@ async function download(auth: FetchAuth, urlPath: string, expect: { sha256: stri
  * Downloads one file into the blob store, unless it is already there. A partial file left by an
  * earlier attempt is resumed; the sha256 must match the signed manifest before it is adopted.
  */
+/** Whether the store holds the file already (another version or model named it): then nothing is downloaded. */
+function reused(store: ModelStore, file: ModelFile, stats: FetchStats): boolean {
+  if (!store.hasBlob(file.sha256, file.size)) return false;
+  stats.filesReused++;
+  stats.reusedBytes += file.size;
+  return true;
+}
+
 export async function fetchFile(store: ModelStore, auth: FetchAuth, file: ModelFile, stats: FetchStats, signal?: AbortSignal): Promise<void> {
-  if (store.hasBlob(file.sha256, file.size)) {
-    stats.filesReused++;
-    stats.reusedBytes += file.size;
-    return;
-  }
+  if (reused(store, file, stats)) return;
   const part = store.partialPath(file.sha256);
   await download(auth, `/v1/artifacts/${file.sha256}`, { sha256: file.sha256, size: file.size, label: `artifact ${file.path}` }, part, stats, signal);
   stats.fullFiles++;
@@ -175,11 +179,7 @@ export interface DeltaFetchOptions {
  * the version is retried and the patch resumes. Aborting aborts.
  */
 export async function fetchFileDelta(store: ModelStore, auth: FetchAuth, file: ModelFile, stats: FetchStats, opts: DeltaFetchOptions, signal: AbortSignal): Promise<void> {
-  if (store.hasBlob(file.sha256, file.size)) {
-    stats.filesReused++;
-    stats.reusedBytes += file.size;
-    return;
-  }
+  if (reused(store, file, stats)) return;
   let offer: DeltaOffer | null = null;
   try {
     const q = opts.base ? `?base=${opts.base}` : '';

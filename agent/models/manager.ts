@@ -18,7 +18,7 @@ import { checkInChild } from '../runtime/child-check.js';
 import { argmaxAt, validateInputs } from '../runtime/tensor.js';
 import type { LoadedModel, TensorMap } from '../runtime/types.js';
 import type { InferResult, ModelHost } from './host.js';
-import { fetchFile, fetchFileDelta, fetchManifest, newFetchStats, type FetchAuth, type FetchStats } from './fetch.js';
+import { fetchFile, fetchFileDelta, fetchManifest, newFetchStats, type FetchAuth } from './fetch.js';
 import { judge, latencyRecord, VersionStats, type LatencyRecord, type Verdict } from './health.js';
 import { canTransition, ON_RESTART, SlotState, newSlotState, type SlotStateName } from './lifecycle.js';
 import { ModelStore } from './store.js';
@@ -96,8 +96,6 @@ export class ModelManager implements ModelHost {
   private checkTimer: NodeJS.Timeout | null = null;
   private verified = false;
   private closed = false;
-  /** Totals over every download since start. */
-  readonly fetchStats: FetchStats = newFetchStats();
 
   constructor(private readonly opts: ModelManagerOptions) {
     this.store = new ModelStore(opts.stateDir);
@@ -434,7 +432,6 @@ export class ModelManager implements ModelHost {
           await fetchFile(this.store, this.opts.fetch, f, stats, signal);
         }
       }
-      for (const k of Object.keys(stats) as (keyof FetchStats)[]) this.fetchStats[k] += stats[k];
       if (signal.aborted) return this.abandon(slot);
       // Bytes resumed came over the link on an earlier attempt at this version: they count too.
       const transfer = { version: want, downloadedBytes: stats.bytesDownloaded + stats.bytesResumed, savedBytes: stats.savedBytes, reusedBytes: stats.reusedBytes, patchedFiles: stats.patchedFiles, fullFiles: stats.fullFiles, fallbacks: stats.fallbacks };

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { sha256Hex } from '../files.js';
 import { promisify } from 'node:util';
 import * as zlib from 'node:zlib';
 import { CODEC, FLOAT, FLOAT_WIDTH, FRAME, PROGRAM_CHUNK_BYTES, TENSOR_CHUNK_ELEMENTS, TENSOR_MODE, type CodecName, type FloatKind, type LayoutKind, type TensorMode } from '../../proto/delta.js';
@@ -241,10 +241,6 @@ async function tensorFrames(pair: Pair, base: Uint8Array, target: Uint8Array, ou
   }
 }
 
-export function sha256(b: Uint8Array): string {
-  return createHash('sha256').update(b).digest('hex');
-}
-
 /**
  * A patch that turns `base` into `target`, bit-identical. With layouts, float tensors of the
  * target go in TENSOR frames (against their base counterpart when one has the same name, kind
@@ -287,9 +283,9 @@ export async function createPatch(base: Uint8Array | null, target: Uint8Array, o
   await generic(at, target.length);
   await program.flush();
   const header = encodeHeader({
-    baseSha256: b.length > 0 ? sha256(b) : null,
+    baseSha256: b.length > 0 ? sha256Hex(b) : null,
     baseSize: b.length,
-    targetSha256: sha256(target),
+    targetSha256: sha256Hex(target),
     targetSize: target.length,
     layout: opts.layoutKind ?? 'none',
   });

@@ -1,10 +1,10 @@
-import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { createPatch, layoutOf, type SectionReport, type TensorRange } from '../../common/delta/index.js';
 import { SignedManifest, decodeJson, MAX_MANIFEST_BYTES } from '../../proto/index.js';
 import type { LayoutKind } from '../../proto/delta.js';
+import { sha256Hex } from '../../common/files.js';
 import type { Logger } from '../../common/log.js';
 import type { FleetStore } from '../store/types.js';
 import type { ArtifactStore } from './blobs.js';
@@ -136,7 +136,7 @@ export class DeltaService {
     const dir = join(this.opts.dir, target);
     mkdirSync(dir, { recursive: true, mode: 0o700 });
     const stem = join(dir, base ?? 'image');
-    const meta: Meta = { sha256: createHash('sha256').update(patch).digest('hex'), size: patch.length, createdAt: this.deps.now(), encodeMs: this.deps.now() - started, layout: tl.kind, sections: report.sections };
+    const meta: Meta = { sha256: sha256Hex(patch), size: patch.length, createdAt: this.deps.now(), encodeMs: this.deps.now() - started, layout: tl.kind, sections: report.sections };
     writeFileSync(`${stem}.efdp.tmp`, patch, { mode: 0o600 });
     renameSync(`${stem}.efdp.tmp`, `${stem}.efdp`);
     writeFileSync(`${stem}.json.tmp`, JSON.stringify(meta), { mode: 0o600 });

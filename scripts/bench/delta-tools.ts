@@ -1,6 +1,5 @@
 /** bench:delta: the generic tools it measures against (xdelta3, bsdiff, zstd), found or installed. */
 import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { accessSync, constants, statSync, writeFileSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -16,7 +15,7 @@ export const VAD = (pkg: string, file: string): string => fileURLToPath(new URL(
 export const ONNX = { v4: VAD('vad-node', 'silero_vad.onnx'), v5: VAD('vad-web', 'silero_vad_v5.onnx'), v6: VAD('vad-web', 'silero_vad_v6.onnx') };
 
 export const log = (line: string): void => void process.stderr.write(`${line}\n`);
-export const sha256 = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
+export { sha256Hex as sha256 } from '../../common/files.js';
 export const round = (x: number, digits = 4): number => Number(x.toPrecision(digits));
 export const now = (): number => performance.now();
 

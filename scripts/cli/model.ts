@@ -2,6 +2,7 @@ import {
   EdgefleetError,
   MODEL_RUNTIMES,
   type ModelRuntime,
+  type MethodResult,
   type ModelStatus,
   type SignedManifest,
 } from '../../proto/index.js';
@@ -133,7 +134,7 @@ async function publish(ctx: CommandContext, path: string | undefined): Promise<v
   }, PUBLISH_TIMEOUT_SEC);
 }
 
-function transferLine(t: { devices: number; downloadedBytes: number; savedBytes: number; reusedBytes: number; patchedFiles: number; fullFiles: number; fallbacks: number }): string {
+function transferLine(t: MethodResult<'models.show'>['transfer']): string {
   if (t.devices === 0) return 'no device has reported installing it yet';
   const whole = t.downloadedBytes + t.savedBytes;
   const pct = whole === 0 ? 0 : Math.floor((1000 * t.savedBytes) / whole) / 10;
