@@ -33,6 +33,12 @@ export const DesiredDoc = z
   .object({
     agent: AgentSettings.prefault({}),
     models: z.record(z.string().regex(ID_PATTERN), ModelSlot).default({}),
+    /**
+     * Emergency safe mode: every model serves the device's pinned fallback version (held on the
+     * device, never collected), whatever `models` names; absent when off. `models` is left as it
+     * was, so leaving safe mode restores exactly the state from before.
+     */
+    safeMode: z.literal(true).optional(),
   })
   .strict();
 export type DesiredDoc = z.infer<typeof DesiredDoc>;

@@ -43,6 +43,10 @@ export const ERRORS = {
   EF_DELTA_WRONG_BASE: 'the patch was made against a different base file',
   EF_DELTA_UNSUPPORTED: 'the patch uses a format version or codec this build does not know',
   EF_DELTA_TARGET_MISMATCH: 'applying the patch did not produce the target sha256 it names',
+  EF_PLAN_INVALID: 'the rollout plan is not valid (every error is listed)',
+  EF_UNKNOWN_ROLLOUT: 'no such rollout',
+  EF_ROLLOUT_CONFLICT: 'the rollout cannot do that now (its state, or another rollout of the model)',
+  EF_SAFE_MODE: 'safe mode is on for these devices: rollouts wait until it is off',
 } as const;
 
 export type ErrorCode = keyof typeof ERRORS;
@@ -81,6 +85,8 @@ export const EXIT = {
   CLI_TIMEOUT: 15,
   CLI_SERVER_ERROR: 16,
   CLI_NO_CREDENTIALS: 17,
+  /** `rollout watch`: the rollout it watched was halted or aborted. */
+  CLI_ROLLOUT_FAILED: 18,
   AGENT_CONFIG_INVALID: 30,
   AGENT_STATE_DIR: 31,
   AGENT_FATAL: 32,

@@ -8,3 +8,4 @@ export * from './ops.js';
 export * from './telemetry.js';
 export * from './model.js';
 export { DeltaOffer } from './delta.js';
+export * from './rollout.js';

@@ -227,6 +227,19 @@ export const ModelTransfer = z
   .strict();
 export type ModelTransfer = z.infer<typeof ModelTransfer>;
 
+/** What the serving version did since it began serving in this agent run: the figures rollout gates compare. */
+export const ServingMetrics = z
+  .object({
+    version: ModelVersion,
+    requests: z.number().int().min(0),
+    errors: z.number().int().min(0),
+    nonFinite: z.number().int().min(0),
+    p95Ms: z.number().min(0).nullable(),
+    meanConfidence: z.number().min(0).max(1).nullable(),
+  })
+  .strict();
+export type ServingMetrics = z.infer<typeof ServingMetrics>;
+
 export const ModelSlotReport = z
   .object({
     state: z.string().max(32),
@@ -239,6 +252,8 @@ export const ModelSlotReport = z
     lastVerdict: z.record(z.string(), z.unknown()).nullable(),
     /** The last version this device downloaded for the slot. */
     transfer: ModelTransfer.nullable().optional(),
+    /** Figures of the version serving now. */
+    metrics: ServingMetrics.nullable().optional(),
   })
   .strict();
 export type ModelSlotReport = z.infer<typeof ModelSlotReport>;

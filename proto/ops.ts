@@ -4,6 +4,7 @@ import { DesiredDoc, JsonPatch } from './desired.js';
 import { FactsMessage, ReportedMessage } from './device.js';
 import { ID_PATTERN } from './topics.js';
 import { Backlog, RECORD_CLASSES } from './telemetry.js';
+import { RolloutPlan, RolloutView, SafeModeRecord, Selector, Tag, MAX_TAGS_PER_DEVICE } from './rollout.js';
 import { KeyEndorsement, MODEL_RUNTIMES, MODEL_STATUSES, Manifest, ModelName, ModelSlot, ModelVersion, Sha256, SignedManifest } from './model.js';
 
 /** Operator roles, least to most privileged. A method names the least role that may call it. */
@@ -46,6 +47,9 @@ export const DeviceSummary = z.object({
   reportedVersion: z.number().nullable(),
   inSync: z.boolean(),
   createdAt: z.number(),
+  tags: z.array(z.string()),
+  /** Desired state puts the device in safe mode. */
+  safeMode: z.boolean(),
 });
 export type DeviceSummary = z.infer<typeof DeviceSummary>;
 
@@ -126,6 +130,11 @@ export const ModelVersionSummary = z.object({
 });
 export type ModelVersionSummary = z.infer<typeof ModelVersionSummary>;
 
+const RolloutCommandParams = z.object({ id: z.number().int().min(1), reason: z.string().max(500).optional() }).strict();
+
+/** A plan as an operator writes it, before the fleet validates it (EF_PLAN_INVALID lists every error). */
+export const RolloutPlanParam = RolloutPlan;
+
 const FleetPublicKey = z.object({ keyId: z.string(), publicKey: z.string(), createdAt: z.number() });
 
 /**
@@ -137,8 +146,16 @@ export const METHODS = {
   'devices.show': { role: 'viewer', params: z.object({ deviceId: Id }).strict(), result: DeviceDetail },
   'devices.add': {
     role: 'admin',
-    params: z.object({ deviceId: Id }).strict(),
+    params: z.object({ deviceId: Id, tags: z.array(Tag).max(MAX_TAGS_PER_DEVICE).optional() }).strict(),
     result: z.object({ deviceId: z.string(), credential: Credential }),
+  },
+  'devices.tag': {
+    role: 'operator',
+    /** Adds and removes tags of each device (all or none); rollouts and safe mode select by them. */
+    params: z
+      .object({ deviceIds: z.array(Id).min(1).max(100_000), add: z.array(Tag).max(MAX_TAGS_PER_DEVICE).default([]), remove: z.array(Tag).max(MAX_TAGS_PER_DEVICE).default([]) })
+      .strict(),
+    result: z.object({ devices: z.array(z.object({ deviceId: z.string(), tags: z.array(z.string()) })) }),
   },
   'devices.remove': { role: 'admin', params: z.object({ deviceId: Id }).strict(), result: z.object({ deviceId: z.string() }) },
   'desired.get': {
@@ -264,6 +281,49 @@ export const METHODS = {
     role: 'admin',
     params: z.object({}).strict(),
     result: z.object({ keyId: z.string(), previousKeyId: z.string(), publicKey: z.string(), chainLength: z.number() }),
+  },
+  'rollouts.start': {
+    role: 'operator',
+    /**
+     * Starts a staged rollout of a version to the selected devices (default: all) with a plan
+     * (default: defaultPlan()). An invalid plan is refused with EF_PLAN_INVALID and every error in
+     * `details`. A version every selected device already has in desired state starts nothing and
+     * says so in `noop`.
+     */
+    params: z.object({ name: ModelName, version: ModelVersion, selector: Selector.optional(), plan: z.unknown().optional() }).strict(),
+    result: z.object({ rollout: RolloutView.nullable(), noop: z.string().nullable() }),
+  },
+  'rollouts.list': {
+    role: 'viewer',
+    params: z.object({ name: ModelName.optional(), active: z.boolean().optional(), limit: z.number().int().min(1).max(1000).default(50) }).strict(),
+    result: z.object({ rollouts: z.array(RolloutView) }),
+  },
+  'rollouts.show': { role: 'viewer', params: z.object({ id: z.number().int().min(1) }).strict(), result: RolloutView },
+  'rollouts.pause': { role: 'operator', params: RolloutCommandParams, result: RolloutView },
+  'rollouts.resume': { role: 'operator', params: RolloutCommandParams, result: RolloutView },
+  'rollouts.approve': { role: 'operator', params: RolloutCommandParams, result: RolloutView },
+  'rollouts.abort': { role: 'operator', params: RolloutCommandParams, result: RolloutView },
+  'safeMode.on': {
+    role: 'operator',
+    /** Puts the selected devices (default: all) on each one's pinned fallback model and holds rollouts that reach them. */
+    params: z.object({ selector: Selector.optional(), reason: z.string().max(500).optional() }).strict(),
+    result: z.object({ record: SafeModeRecord, devices: z.number() }),
+  },
+  'safeMode.off': {
+    role: 'operator',
+    /** Ends safe mode: every record (no selector), or the records with exactly this selector. Devices return to the desired state from before. */
+    params: z.object({ selector: Selector.optional() }).strict(),
+    result: z.object({ ended: z.array(SafeModeRecord), devices: z.number() }),
+  },
+  'safeMode.status': {
+    role: 'viewer',
+    params: z.object({}).strict(),
+    result: z.object({
+      records: z.array(SafeModeRecord),
+      /** Devices in safe mode, and those whose latest report shows every model on its fallback under that desired state. */
+      devices: z.number(),
+      converged: z.number(),
+    }),
   },
 } as const satisfies Record<string, { role: Role; params: z.ZodType; result: z.ZodType }>;
 
