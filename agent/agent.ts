@@ -320,7 +320,7 @@ export class Agent {
       case 'applied':
         this.log.info({ version: result.version }, 'desired state applied');
         this.applySettings(this.desired.doc.agent);
-        this.modelManager?.reconcile(this.desired.doc.models);
+        this.modelManager?.reconcile(this.desired.doc.models, { safeMode: this.desired.doc.safeMode === true });
         this.track(this.report('event', 'desired.applied', { version: result.version }));
         for (const fn of this.listeners) fn(result.version);
         this.track(this.publishReported());
@@ -360,7 +360,8 @@ export class Agent {
     }
     // Version 0: the fleet has not spoken yet, so there is nothing to reconcile toward (and an empty
     // set of models must not be read as "remove every model").
-    if (this.desired && this.desired.version > 0) manager.reconcile(this.desired.doc.models);
+    // In safe mode start-up has served the verified version; reconcile moves each slot to its fallback.
+    if (this.desired && this.desired.version > 0) manager.reconcile(this.desired.doc.models, { safeMode: this.desired.doc.safeMode === true });
   }
 
   /** Model state changes come in bursts (a transition, then the next): one report after them. */

@@ -33,6 +33,13 @@ export interface Verdict {
   figures: HealthFigures | null;
 }
 
+/** What one request's outputs showed: whether any value was not finite, and its rows' confidence. */
+export interface OutputScan {
+  nonFinite: boolean;
+  confidenceSum: number;
+  confidenceN: number;
+}
+
 /**
  * What one version did while it served: latencies, errors, non-finite outputs, output histograms
  * on the baseline's bins, confidence. Observing a request costs a few array writes; the outputs
@@ -62,15 +69,23 @@ export class VersionStats {
     }
   }
 
-  /** Latency only: what a committed version's running record needs once a watch window scans the outputs. */
-  observeLatency(latencyMs: number): void {
+  /**
+   * Counts a request whose outputs another record scanned already (after commit the watch window
+   * scans them): latency, the request, what the scan found. No histograms: PSI is the window's.
+   */
+  observeScanned(latencyMs: number, scan: OutputScan): void {
     this.requests++;
     this.latencies[this.latencyCount++ % LATENCY_RING] = latencyMs;
+    if (scan.nonFinite) this.nonFinite++;
+    this.confidenceSum += scan.confidenceSum;
+    this.confidenceN += scan.confidenceN;
   }
 
-  observe(latencyMs: number, outputs: TensorMap): void {
-    this.observeLatency(latencyMs);
+  /** Counts a request and scans its outputs; returns what the scan found, for `observeScanned`. */
+  observe(latencyMs: number, outputs: TensorMap): OutputScan {
     let bad = false;
+    let confidenceSum = 0;
+    let confidenceN = 0;
     for (const name in outputs) {
       const t = outputs[name];
       if (!t || t.data instanceof BigInt64Array) continue;
@@ -86,7 +101,6 @@ export class VersionStats {
         if (bins && h) bins[binOf(h.edges, v)]! += 1;
       }
     }
-    if (bad) this.nonFinite++;
     for (const [name, classes] of this.argmax) {
       const t = outputs[name];
       const k = classes.length;
@@ -103,12 +117,15 @@ export class VersionStats {
           let max = -Infinity;
           for (let j = 0; j < last; j++) max = Math.max(max, t.data[r * last + j] as number);
           if (Number.isFinite(max)) {
-            this.confidenceSum += max;
-            this.confidenceN++;
+            confidenceSum += max;
+            confidenceN++;
           }
         }
       }
     }
+    const scan = { nonFinite: bad, confidenceSum, confidenceN };
+    this.observeScanned(latencyMs, scan);
+    return scan;
   }
 
   error(): void {

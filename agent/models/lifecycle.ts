@@ -14,6 +14,12 @@ import { ModelTransfer, ModelVersion } from '../../proto/index.js';
  *
  * `idle` also follows any pre-activation state when desired state moves on (the candidate is
  * abandoned, not failed).
+ *
+ * Two switches leave probation through `rolling_back`: a fleet revert (desired state names a
+ * version held here; the candidate is marked failed), and safe mode (the slot goes to its pinned
+ * fallback; the candidate is abandoned: `rolling_back` is persisted with no candidate, so a
+ * restart there fails nothing). Safe mode's switches from `idle` stay in `idle`: only `serving`
+ * and `safeMode` change, in one write.
  */
 export const SLOT_STATES = ['idle', 'downloading', 'verifying', 'staging', 'shadow', 'activating', 'probation', 'committing', 'rolling_back', 'failed'] as const;
 export type SlotStateName = (typeof SLOT_STATES)[number];
@@ -66,7 +72,7 @@ export const SlotState = z.object({
   state: z.enum(SLOT_STATES),
   /** Committed versions, newest first; `stable[0]` is what serves when nothing is on probation. */
   stable: z.array(ModelVersion),
-  /** The version answering requests: `stable[0]`, or the candidate while on probation. */
+  /** The version answering requests: `stable[0]`, the candidate while on probation, the fallback in safe mode. */
   serving: ModelVersion.nullable(),
   candidate: ModelVersion.nullable(),
   /** Attempts at the current candidate; reset when it commits or fails. */
@@ -74,7 +80,10 @@ export const SlotState = z.object({
   failed: z.array(FailedEntry),
   /** Never collected; served when neither the active version nor any stable one verifies. */
   fallback: ModelVersion.nullable(),
-  /** Versions below the floor are refused unless they are in `stable` (a local rollback). */
+  /**
+   * Downloads below the floor are refused unless in `stable`. A version held here (in `stable`, or
+   * the pinned fallback) is served by a local switch, which fetches nothing and needs no floor check.
+   */
   floor: z.number().int().min(0),
   /** Total transitions taken, for reports and crash-loop diagnosis. */
   transitions: z.number().int().min(0),
@@ -84,6 +93,12 @@ export const SlotState = z.object({
    * compared against it even when the agent restarted since (and has few fresh samples).
    */
   latency: z.array(z.object({ version: ModelVersion, p50Ms: z.number(), p95Ms: z.number() })).max(64).default([]),
+  /**
+   * Desired state put the device in safe mode and the slot serves its fallback. When safe mode
+   * ends the slot switches back (to `stable[0]`, or to a held version desired state names) and this
+   * clears in the same write; it is persisted so that a restart knows the fallback serves on purpose.
+   */
+  safeMode: z.boolean().default(false),
   /** Bytes the last download for this slot took and saved. */
   transfer: ModelTransfer.nullable().default(null),
   updatedAt: z.number(),
@@ -91,5 +106,5 @@ export const SlotState = z.object({
 export type SlotState = z.infer<typeof SlotState>;
 
 export function newSlotState(name: string): SlotState {
-  return { name, state: 'idle', stable: [], serving: null, candidate: null, attempts: 0, failed: [], fallback: null, floor: 0, transitions: 0, lastVerdict: null, latency: [], transfer: null, updatedAt: Date.now() };
+  return { name, state: 'idle', stable: [], serving: null, candidate: null, attempts: 0, failed: [], fallback: null, floor: 0, transitions: 0, lastVerdict: null, latency: [], safeMode: false, transfer: null, updatedAt: Date.now() };
 }

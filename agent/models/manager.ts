@@ -10,6 +10,7 @@ import {
   type ModelSlot,
   type ModelSlotReport,
   type RecordClass,
+  type ServingMetrics,
   type SignedManifest,
 } from '../../proto/index.js';
 import type { Logger } from '../../common/log.js';
@@ -76,7 +77,10 @@ interface Slot {
   watchStats: VersionStats | null;
   /** Transient download failures in a row, for the backoff; not persisted. */
   retries: number;
-  /** A rollback is under way (its cold load happens before the state says so). */
+  /**
+   * A switch is under way: a rollback, a fleet revert, safe mode in or out. Its cold load happens
+   * before the state says so; meanwhile no verdict, commit or second switch may start.
+   */
   rollingBack: boolean;
 }
 
@@ -96,6 +100,8 @@ export class ModelManager implements ModelHost {
   private checkTimer: NodeJS.Timeout | null = null;
   private verified = false;
   private closed = false;
+  /** Desired state says safe mode: slots serve their fallbacks and nothing new is fetched or tried. */
+  private safeMode = false;
 
   constructor(private readonly opts: ModelManagerOptions) {
     this.store = new ModelStore(opts.stateDir);
@@ -169,11 +175,10 @@ export class ModelManager implements ModelHost {
       if (--run.inflight === 0 && run.retired) void run.model.dispose().catch(() => undefined);
     }
     const ms = performance.now() - t0;
-    // After commit the watch window scans the outputs; the version's own record keeps the latency.
-    if (slot.watchStats && run === slot.serving) {
-      slot.watchStats.observe(ms, outputs);
-      run.stats.observeLatency(ms);
-    } else run.stats.observe(ms, outputs);
+    // After commit the watch window scans the outputs (once); the version's own record counts what
+    // the scan found, so its serving metrics stay whole without a second pass.
+    if (slot.watchStats && run === slot.serving) run.stats.observeScanned(ms, slot.watchStats.observe(ms, outputs));
+    else run.stats.observe(ms, outputs);
     if (slot.shadow && run === slot.serving) this.shadowRun(slot, inputs, outputs);
     this.afterRequest(slot, run);
     this.opts.feedback?.record(requestId, name, run.version);
@@ -187,11 +192,19 @@ export class ModelManager implements ModelHost {
   // ---------------------------------------------------------------------------------------------
   // Desired state
 
-  /** Points every slot at what desired state names; slots no longer named stop serving. */
-  reconcile(models: Record<string, ModelSlot>): void {
+  /**
+   * Points every slot at what desired state names; slots no longer named stop serving. In safe
+   * mode every slot serves its pinned fallback instead, and `models` waits until safe mode ends.
+   */
+  reconcile(models: Record<string, ModelSlot>, opts: { safeMode?: boolean } = {}): void {
     if (this.closed) return;
+    const safeMode = opts.safeMode === true;
+    const entering = safeMode && !this.safeMode;
+    if (safeMode !== this.safeMode) this.opts.log.warn({ safeMode }, safeMode ? 'safe mode: every model serves its pinned fallback' : 'safe mode ended: models return to desired state');
+    this.safeMode = safeMode;
     for (const [name, desired] of Object.entries(models)) {
       let slot = this.slots.get(name);
+      const created = !slot;
       if (!slot) {
         slot = this.newSlot(newSlotState(name));
         this.slots.set(name, slot);
@@ -199,7 +212,11 @@ export class ModelManager implements ModelHost {
       }
       const changed = slot.desired?.version !== desired.version;
       slot.desired = desired;
-      if (changed) slot.abort?.abort();
+      // Safe mode stops whatever a candidate was doing before it activates: download, staging, shadow.
+      if (changed || entering) slot.abort?.abort();
+      if (safeMode && (entering || created) && slot.state.fallback === null) {
+        this.opts.log.warn({ model: name, serving: slot.serving?.version ?? null }, 'safe mode: no fallback version is pinned for this model; it keeps serving what it serves, and fetches nothing');
+      }
       this.kick(slot);
     }
     // No report here: the agent reports after every applied desired state, and every transition
@@ -246,6 +263,7 @@ export class ModelManager implements ModelHost {
         fallback: s.fallback,
         lastVerdict: s.lastVerdict,
         transfer: s.transfer,
+        metrics: slot.serving ? servingMetrics(slot.serving) : null,
       };
     }
     return out;
@@ -392,13 +410,22 @@ export class ModelManager implements ModelHost {
 
   /** One pass toward the desired version. */
   private async drive(slot: Slot): Promise<void> {
-    const s = slot.state;
     const want = slot.desired?.version;
     if (want === undefined || this.closed || slot.rollingBack) return; // a rollback kicks again when it ends
-    if (s.state === 'probation') return; // the window decides; a new desired version waits for it
+    if (this.safeMode) return this.enterSafeMode(slot);
+    if (slot.state.safeMode && !(await this.leaveSafeMode(slot, want))) return;
+    const s = slot.state;
+    const failed = s.failed.some((f) => f.version === want);
+    if (s.state === 'probation') {
+      // Desired state names a version held here while another is on probation: the fleet is
+      // reverting a version that misbehaves somewhere, so the switch is now, not at the verdict.
+      // A version that must be downloaded waits for the window.
+      if (slot.serving?.version !== want && !failed && this.holds(slot, want)) await this.revert(slot, want);
+      return;
+    }
     if (slot.serving?.version === want && s.state === 'idle') return;
-    if (s.failed.some((f) => f.version === want)) return; // failed here: only a new version moves the slot
-    if (s.stable.includes(want) && s.state === 'idle') {
+    if (failed) return; // failed here: only a new version moves the slot
+    if ((s.stable.includes(want) || s.fallback === want) && s.state === 'idle') {
       await this.localRollback(slot, want);
       return;
     }
@@ -489,6 +516,121 @@ export class ModelManager implements ModelHost {
       if (f && f.sha256 !== file.sha256 && this.store.hasBlob(f.sha256, f.size)) return f.sha256;
     }
     return null;
+  }
+
+  /** A version this device can serve without a download: a stable one, the pinned fallback, or the one kept warm on probation. */
+  private holds(slot: Slot, version: number): boolean {
+    const s = slot.state;
+    return s.stable.includes(version) || s.fallback === version || slot.previous?.version === version;
+  }
+
+  /**
+   * Serves `version` in place of what serves now: the warm previous version when it is the one (a
+   * pointer swap), else a verified load, while the old one answers. Throws when it does not
+   * verify, and the old one goes on serving. Retiring the old one is the caller's.
+   */
+  private async switchTo(slot: Slot, version: number): Promise<void> {
+    if (slot.previous?.version === version) {
+      slot.serving = slot.previous;
+      slot.previous = null;
+      return;
+    }
+    slot.serving = await this.loadVerified(slot.state.name, version);
+  }
+
+  /** Writes a change of an idle slot that is not a lifecycle step (safe mode's switches). */
+  private update(slot: Slot, patch: Partial<SlotState>): void {
+    slot.state = { ...slot.state, ...patch, updatedAt: Date.now() };
+    this.persist(slot);
+    this.opts.onChange();
+  }
+
+  /** The fleet reverts the candidate on probation to a version held here: a rollback with that target, the candidate quarantined. */
+  private async revert(slot: Slot, to: number): Promise<void> {
+    const run = slot.serving;
+    const figures = run ? judge(run.signed.manifest.health, run.stats, slot.previousLatency, false).figures : null;
+    await this.rollBack(slot, { ok: false, failures: [], figures }, 'reverted by fleet', to);
+  }
+
+  /**
+   * Safe mode: the slot serves its pinned fallback, switched at once (a pointer swap when it is the
+   * warm previous version, else a verified load) and without judging anything: a candidate on
+   * probation is abandoned, not failed. Nothing is fetched or tried while safe mode holds; the
+   * lifecycle resumes when it ends (leaveSafeMode).
+   */
+  private async enterSafeMode(slot: Slot): Promise<void> {
+    const s = slot.state;
+    const fallback = s.fallback;
+    if (fallback === null) return; // reconcile said why
+    if (s.state !== 'idle' && s.state !== 'probation') return; // not reached: drive runs every other step to its end
+    if (s.safeMode && s.state === 'idle' && slot.serving?.version === fallback) return;
+    const old = slot.serving;
+    const prev = slot.previous;
+    slot.rollingBack = true;
+    try {
+      if (old?.version !== fallback) await this.switchTo(slot, fallback);
+    } catch (err) {
+      slot.rollingBack = false;
+      this.opts.log.error({ err, model: s.name, fallback }, 'safe mode: the fallback version did not verify; the model keeps serving what it serves');
+      this.opts.report('event', 'model.unverified', { model: s.name, version: fallback, code: isEdgefleetError(err) ? err.code : 'EF_INTERNAL', message: (err as Error).message });
+      return;
+    }
+    // The switch came first; then one write. From probation the way out is `rolling_back`, written
+    // with no candidate, so that a restart in between marks nothing failed (ON_RESTART).
+    if (s.state === 'probation') {
+      this.transition(slot, 'rolling_back', { serving: fallback, candidate: null, attempts: 0, safeMode: true }, { reason: 'safe mode' });
+      this.transition(slot, 'idle');
+    } else {
+      this.update(slot, { serving: fallback, safeMode: true });
+    }
+    slot.rollingBack = false;
+    slot.previous = null;
+    for (const r of [old, prev]) if (r && r !== slot.serving) retire(r);
+    // From probation there is no watch yet (the candidate's own record was judged): it starts now.
+    if (old !== slot.serving || !slot.watchStats) slot.watchStats = slot.serving ? new VersionStats(slot.serving.signed.manifest) : null;
+    this.opts.log.warn({ model: s.name, from: old?.version ?? null, serving: fallback }, `safe mode: ${modelRef(s.name, fallback)} (the pinned fallback) serves`);
+    this.opts.report('event', 'model.safe-mode', { model: s.name, on: true, serving: fallback });
+  }
+
+  /**
+   * Safe mode ended: the slot switches at once to what desired state names when it holds that
+   * version (it served here before: no probation), else back to its last stable version, from
+   * which the normal lifecycle goes on. Returns false when the switch failed: the slot stays on
+   * its fallback, still marked, and the next reconcile tries again.
+   */
+  private async leaveSafeMode(slot: Slot, want: number): Promise<boolean> {
+    const s = slot.state;
+    if (s.state !== 'idle') {
+      // Not reached (safe mode starts nothing); never leave the mark behind.
+      this.update(slot, { safeMode: false });
+      return true;
+    }
+    const held = this.holds(slot, want) && !s.failed.some((f) => f.version === want);
+    const target = held ? want : (s.stable[0] ?? slot.serving?.version ?? null);
+    const old = slot.serving;
+    if (target !== null && old?.version !== target) {
+      slot.rollingBack = true;
+      try {
+        await this.switchTo(slot, target);
+      } catch (err) {
+        this.opts.log.error({ err, model: s.name, version: target }, 'leaving safe mode: the version to serve did not verify; the fallback serves on');
+        this.opts.report('event', 'model.unverified', { model: s.name, version: target, code: isEdgefleetError(err) ? err.code : 'EF_INTERNAL', message: (err as Error).message });
+        return false;
+      } finally {
+        slot.rollingBack = false;
+      }
+    }
+    const serving = slot.serving?.version ?? null;
+    // What serves outside safe mode is stable[0] (lifecycle.ts): a held version desired state names comes first again.
+    const stable = serving === null ? s.stable : [serving, ...s.stable.filter((v) => v !== serving)].slice(0, this.opts.keepStable);
+    this.update(slot, { serving, stable, safeMode: false });
+    if (old && old !== slot.serving) {
+      retire(old);
+      slot.watchStats = slot.serving ? new VersionStats(slot.serving.signed.manifest) : null;
+    }
+    this.opts.log.info({ model: s.name, from: old?.version ?? null, serving, desired: want }, 'safe mode ended for this model');
+    this.opts.report('event', 'model.safe-mode', { model: s.name, on: false, serving });
+    return true;
   }
 
   private abandon(slot: Slot): void {
@@ -644,7 +786,7 @@ export class ModelManager implements ModelHost {
     this.transition(slot, 'idle', { ...next, latency });
     slot.watchStats = new VersionStats(run.signed.manifest);
     this.collect(slot);
-    if (slot.desired?.version !== run.version) this.kick(slot);
+    if (slot.desired?.version !== run.version || this.safeMode) this.kick(slot);
   }
 
   private checkWatch(slot: Slot): void {
@@ -654,21 +796,24 @@ export class ModelManager implements ModelHost {
     slot.watchStats = new VersionStats(run.signed.manifest);
     const verdict = judge(run.signed.manifest.health, stats, slot.previousLatency, true);
     if (verdict.ok) return;
-    this.opts.report('event', 'model.regression', { model: slot.state.name, version: run.version, failures: verdict.failures, figures: verdict.figures, action: run.signed.manifest.health.afterCommit });
-    if (run.signed.manifest.health.afterCommit === 'rollback' && slot.state.stable.length > 1) this.track(this.rollBack(slot, verdict, 'regression after commit'));
+    // In safe mode the fallback serves whatever it shows: the operator chose it over every other version.
+    const action = slot.state.safeMode ? 'report' : run.signed.manifest.health.afterCommit;
+    this.opts.report('event', 'model.regression', { model: slot.state.name, version: run.version, failures: verdict.failures, figures: verdict.figures, action });
+    if (action === 'rollback' && slot.state.stable.length > 1) this.track(this.rollBack(slot, verdict, 'regression after commit'));
   }
 
   /**
-   * Back to the last stable version: a pointer swap when it is still loaded (probation), else a
-   * verified cold load. The version that failed is marked so and never tried again here.
+   * Back to the last stable version (or `target`, a version held here the fleet named): a pointer
+   * swap when it is still loaded (probation), else a verified cold load. The version that failed is
+   * marked so and never tried again here.
    */
-  private async rollBack(slot: Slot, verdict: Verdict, reason: string): Promise<number> {
+  private async rollBack(slot: Slot, verdict: Verdict, reason: string, target?: number): Promise<number> {
     const s = slot.state;
     if (s.state === 'rolling_back' || slot.rollingBack) return 0;
     slot.rollingBack = true;
     const t0 = performance.now();
     const failedVersion = s.state === 'probation' || s.state === 'activating' ? (s.candidate ?? slot.serving?.version ?? null) : (slot.serving?.version ?? null);
-    const back = s.stable.find((v) => v !== failedVersion) ?? null;
+    const back = target ?? s.stable.find((v) => v !== failedVersion) ?? null;
     const bad = slot.serving?.version === failedVersion ? slot.serving : null;
     // The switch comes first, before anything is written: a pointer swap when the stable version is
     // still loaded (warm), else a verified load from disk (cold) while the bad version answers. A
@@ -688,16 +833,26 @@ export class ModelManager implements ModelHost {
     } else if (back === null) {
       slot.serving = null;
     }
+    // A fleet revert may go past the warm previous version (to one it loaded instead): nothing is
+    // on probation any more, so nothing is kept loaded behind what serves.
+    if (slot.previous) {
+      if (slot.previous !== slot.serving) retire(slot.previous);
+      slot.previous = null;
+    }
     const switchMs = performance.now() - t0;
     const lastVerdict = { version: failedVersion, ok: false, reason, failures: verdict.failures, figures: verdict.figures ?? null };
-    this.transition(slot, 'rolling_back', { lastVerdict }, { reason });
+    // What serves now leads `stable` (what serves outside probation is stable[0]), written with
+    // `rolling_back` so that a restart before `idle` serves it too (ON_RESTART finish-rollback).
+    const kept = s.stable.filter((v) => v !== failedVersion);
+    const now = slot.serving?.version ?? null;
+    const stable = now === null || now === failedVersion ? kept : [now, ...kept.filter((v) => v !== now)].slice(0, this.opts.keepStable);
+    this.transition(slot, 'rolling_back', { lastVerdict, stable }, { reason });
     this.opts.report('event', 'model.verdict', { model: s.name, ...lastVerdict, rolledBackTo: slot.serving?.version ?? null });
     this.opts.log.error({ model: s.name, version: failedVersion, back, failures: verdict.failures }, `model ${modelRef(s.name, failedVersion ?? 0)} rolled back: ${reason}`);
     if (bad && bad !== slot.serving) retire(bad);
     const failed = failedVersion === null ? s.failed : [...s.failed, { version: failedVersion, reason: reason.slice(0, 64), at: Date.now() }].slice(-64);
     this.transition(slot, 'idle', {
       serving: slot.serving?.version ?? null,
-      stable: s.stable.filter((v) => v !== failedVersion),
       candidate: null,
       attempts: 0,
       failed,
@@ -705,12 +860,12 @@ export class ModelManager implements ModelHost {
     slot.rollingBack = false;
     slot.watchStats = slot.serving ? new VersionStats(slot.serving.signed.manifest) : null;
     this.collect(slot);
-    // A version assigned while this one was on probation waited for the verdict.
-    if (slot.desired && slot.desired.version !== slot.serving?.version) this.kick(slot);
+    // A version assigned while this one was on probation waited for the verdict; safe mode may have come meanwhile.
+    if (slot.desired && (slot.desired.version !== slot.serving?.version || this.safeMode)) this.kick(slot);
     return switchMs;
   }
 
-  /** Desired state names a version from this device's own stable history: verify, load, switch. */
+  /** Desired state names a version from this device's own stable history, or its pinned fallback: verify, load, switch. */
   private async localRollback(slot: Slot, version: number): Promise<void> {
     const run = await this.loadVerified(slot.state.name, version);
     this.transition(slot, 'activating', { candidate: version });
@@ -733,6 +888,29 @@ export class ModelManager implements ModelHost {
       this.opts.log.warn({ err, model: s.name }, 'could not collect old model versions');
     }
   }
+}
+
+/**
+ * What the serving version did since it began serving in this run (on probation: the candidate's
+ * record), the figures fleet rollout gates compare between devices.
+ */
+function servingMetrics(run: Running): ServingMetrics {
+  const st = run.stats;
+  const p95 = st.p95();
+  const conf = st.meanConfidence();
+  return {
+    version: run.version,
+    requests: st.requests,
+    errors: st.errors,
+    nonFinite: st.nonFinite,
+    p95Ms: p95 === null ? null : round3(p95),
+    // A confidence output that is not a probability (a manifest naming logits) has no mean to report.
+    meanConfidence: conf === null || !(conf >= 0 && conf <= 1) ? null : round3(conf),
+  };
+}
+
+function round3(x: number): number {
+  return Math.round(x * 1000) / 1000;
 }
 
 /** Outputs agree when every row's winning class matches (a single value: within 1e-3). */

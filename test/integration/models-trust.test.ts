@@ -194,18 +194,29 @@ describe('model updates: bad input is refused with a coded reason; the device ke
     for (const f of big.draft.files) if (!v1.draft.files.some((g) => g.sha256 === f.sha256)) expect(blobExists(h.stateDir, f.sha256)).toBe(false);
   });
 
-  it('downgrade below the floor, out of the stable history (keepStable 1) → EF_DOWNGRADE_REFUSED; keeps serving iris@2', async () => {
+  it('downgrade below the floor, out of the stable history and not the pinned fallback (keepStable 1) → EF_DOWNGRADE_REFUSED; keeps serving the newest', async () => {
     const h = await deviceOnV1({ keepStable: 1 });
     await assign(fleet, 'iris', v2.version, [h.cred.username]);
     await trafficUntil(h.agent, 'iris', 'iris@2 committed', () => serving(h.agent, 'iris', v2.version));
-    expect(h.agent.models.slotState('iris')).toMatchObject({ stable: [v2.version], floor: v2.version });
+    const v3 = await publishIris('good');
+    await assign(fleet, 'iris', v3.version, [h.cred.username]);
+    await trafficUntil(h.agent, 'iris', `iris@${v3.version} committed`, () => serving(h.agent, 'iris', v3.version));
+    expect(h.agent.models.slotState('iris')).toMatchObject({ stable: [v3.version], floor: v3.version, fallback: v1.version });
     const views = viewsOf(h.stateDir);
 
-    await assign(fleet, 'iris', v1.version, [h.cred.username]);
-    // iris@1 stays in the store as the pinned fallback; the refusal must leave the store as it was.
-    await expectRefused(h, v1.version, 'EF_DOWNGRADE_REFUSED', { keeps: v2.version, noView: false });
+    // iris@2 left the device (keepStable 1) and is below the floor: it would have to come back over the link.
+    await assign(fleet, 'iris', v2.version, [h.cred.username]);
+    await expectRefused(h, v2.version, 'EF_DOWNGRADE_REFUSED', { keeps: v3.version, noView: false });
     expect(viewsOf(h.stateDir)).toEqual(views);
-    expect(h.agent.models.slotState('iris')).toMatchObject({ stable: [v2.version], floor: v2.version });
+    expect(h.agent.models.slotState('iris')).toMatchObject({ stable: [v3.version], floor: v3.version });
+  });
+
+  it('the pinned fallback is held, so desired state may name it below the floor: a local switch, nothing fetched', async () => {
+    const h = await deviceOnV1({ keepStable: 1 });
+    await assign(fleet, 'iris', v2.version, [h.cred.username]);
+    await trafficUntil(h.agent, 'iris', 'iris@2 committed', () => serving(h.agent, 'iris', v2.version));
+    await assign(fleet, 'iris', v1.version, [h.cred.username]);
+    await trafficUntil(h.agent, 'iris', 'back on iris@1', () => serving(h.agent, 'iris', v1.version));
   });
 
   it('expired by the time the device gets it → EF_MODEL_EXPIRED; after a restart it serves iris@1 again', async () => {
