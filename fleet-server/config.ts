@@ -80,6 +80,17 @@ export const ServerConfig = z
           .describe('fleet signing key, Ed25519 PEM, mode 0600 (default: <dataDir>/fleet-key.pem, created on first start; rotate with `edgefleet key rotate`)'),
       })
       .prefault({}),
+    rollouts: z
+      .object({
+        intervalMs: z
+          .number()
+          .int()
+          .min(50)
+          .max(60_000)
+          .default(1000)
+          .describe('how often rollouts are reconciled on a timer (pauses, windows, timeouts); device reports also reconcile at once'),
+      })
+      .prefault({}),
     publishPendingIntervalSec: z.number().min(1).default(30).describe('how often desired state the broker may not hold is published again'),
     telemetry: z
       .object({

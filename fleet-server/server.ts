@@ -23,6 +23,7 @@ import { DeltaService } from './registry/deltas.js';
 import { FleetKeyring } from './registry/keys.js';
 import { setProfileArtifactsUrl } from './registry/profile.js';
 import { Registry } from './registry/registry.js';
+import { RolloutService } from './rollouts/service.js';
 
 const execAsync = promisify(exec);
 
@@ -35,6 +36,7 @@ export class FleetServer {
   private broker: EmbeddedBroker | null = null;
   private artifacts: ArtifactServer | null = null;
   private session: MqttSession | null = null;
+  private rolloutService: RolloutService | null = null;
   private timer: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
   private readonly rejects: RejectCounter;
@@ -67,6 +69,12 @@ export class FleetServer {
   get fleetStore(): FleetStore {
     if (!this.store) throw new Error('fleet server not started');
     return this.store;
+  }
+
+  /** Staged rollouts and safe mode (tests and the benchmark watch it). */
+  get rollouts(): RolloutService {
+    if (!this.rolloutService) throw new Error('fleet server not started');
+    return this.rolloutService;
   }
 
   get rejectedCounts(): Record<string, number> {
@@ -132,6 +140,8 @@ export class FleetServer {
     await this.writeBrokerFiles();
 
     const desired = new DesiredStateService(store, { publish: (t, p, o) => this.publish(t, p, o) }, this.log.child({ component: 'desired' }), this.now);
+    const rollouts = new RolloutService({ store, desired, registry, log: this.log.child({ component: 'rollouts' }), now: this.now, intervalMs: cfg.rollouts.intervalMs });
+    this.rolloutService = rollouts;
     const inbound = new DeviceInbound(
       store,
       desired,
@@ -139,6 +149,7 @@ export class FleetServer {
       this.rejects,
       (deviceId, ack) => this.publish(topics.down(deviceId, 'ack'), encodeJson(ack), { qos: 1, retain: false }),
       this.now,
+      (deviceId, msg) => rollouts.reported(deviceId, msg),
     );
     const ops = new OpsDispatcher(
       store,
@@ -155,6 +166,7 @@ export class FleetServer {
         registry,
         keys,
         artifactsUrl: () => this.artifactsUrlValue,
+        rollouts,
       }),
       this.log.child({ component: 'ops' }),
       this.rejects,
@@ -201,6 +213,9 @@ export class FleetServer {
     clearTimeout(waitTimer);
     if (!session.connected) this.log.warn({ url: this.brokerUrlValue }, 'broker not reachable yet; going on and retrying');
 
+    // Rollouts resume after the link is up, so what they decide can be published at once.
+    await rollouts.start();
+
     this.timer = setInterval(() => {
       if (session.connected) this.track(desired.publishPending());
     }, cfg.publishPendingIntervalSec * 1000);
@@ -226,6 +241,7 @@ export class FleetServer {
     this.timer = this.pruneTimer = null;
     if (!(await settleWithin(this.inflight, 5000))) this.log.warn({ tasks: this.inflight.size }, 'stopping with handlers still waiting on the broker');
     const steps: [string, () => Promise<void> | void][] = [
+      ['rollouts', async () => this.rolloutService?.stop()],
       ['link', async () => this.session?.stop()],
       ['artifacts', async () => this.artifacts?.stop()],
       ['broker', async () => this.broker?.stop()],
@@ -239,6 +255,7 @@ export class FleetServer {
       }
     }
     this.session = null;
+    this.rolloutService = null;
     this.artifacts = null;
     this.broker = null;
     this.store = null;

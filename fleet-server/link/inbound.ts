@@ -32,6 +32,8 @@ export class DeviceInbound {
     /** Sends a telemetry acknowledgement to a device (`down/ack`). */
     private readonly ack: (deviceId: string, ack: TelemetryAck) => Promise<void>,
     private readonly now: () => number = Date.now,
+    /** Told of every report once it is stored (rollouts and safe mode judge from them). */
+    private readonly onReported: (deviceId: string, msg: ReportedMessage) => void = () => undefined,
   ) {}
 
   async handle(topic: string, payload: Buffer): Promise<void> {
@@ -79,6 +81,7 @@ export class DeviceInbound {
         const msg = value as ReportedMessage;
         this.store.devices.touch(deviceId, at);
         this.desired.recordReported(deviceId, msg);
+        this.onReported(deviceId, msg);
         await this.desired.resyncIfBehind(deviceId, msg.desiredVersion);
         return;
       }

@@ -131,6 +131,7 @@ export class OpsDispatcher {
 function targetOf(params: unknown): string | null {
   if (params === null || typeof params !== 'object') return null;
   const p = params as Record<string, unknown>;
+  if (typeof p.id === 'number') return `rollout:${p.id}`;
   const t = p.deviceId ?? p.name;
   return typeof t === 'string' ? t.slice(0, 128) : null;
 }

@@ -1,4 +1,4 @@
-import { EdgefleetError, type DeviceDetail, type DeviceSummary, type Role } from '../../proto/index.js';
+import { EdgefleetError, defaultDesiredDoc, MAX_TAGS_PER_DEVICE, type DeviceDetail, type DeviceSummary, type Role } from '../../proto/index.js';
 import { generateSecret, hashSecret } from '../auth/credentials.js';
 import type { DesiredStateService } from '../sync/desired.js';
 import type { FleetKeyring } from '../registry/keys.js';
@@ -6,6 +6,7 @@ import { createModelHandlers } from '../registry/ops.js';
 import type { Registry } from '../registry/registry.js';
 import type { DeviceRow, FleetStore } from '../store/types.js';
 import type { Handlers } from './dispatcher.js';
+import type { RolloutService } from '../rollouts/service.js';
 
 export interface HandlerDeps {
   store: FleetStore;
@@ -22,6 +23,8 @@ export interface HandlerDeps {
   keys: FleetKeyring;
   /** The artifact server's URL as devices reach it. */
   artifactsUrl: () => string;
+  /** Staged rollouts and safe mode. */
+  rollouts: RolloutService;
 }
 
 /** Names no device or operator may take. */
@@ -38,6 +41,8 @@ export function summarize(store: FleetStore, d: DeviceRow): DeviceSummary {
     reportedVersion: reported?.desiredVersion ?? null,
     inSync: !!desired && !!reported && reported.desiredVersion === desired.version && reported.drift.length === 0,
     createdAt: d.createdAt,
+    tags: d.tags,
+    safeMode: desired?.doc.safeMode === true,
   };
 }
 
@@ -76,12 +81,16 @@ export function createHandlers(deps: HandlerDeps): Handlers {
       };
     },
 
-    'devices.add': async ({ deviceId }) => {
+    'devices.add': async ({ deviceId, tags }) => {
+      const unique = [...new Set(tags ?? [])].sort();
       const { password, row } = store.transaction(() => {
         const password = issue(deviceId, 'device', null);
         store.devices.insert(deviceId, deps.now());
-        return { password, row: desired.initialize(deviceId) };
+        if (unique.length > 0) store.devices.setTags(deviceId, unique);
+        // A device provisioned while a safe mode covers it starts in safe mode.
+        return { password, row: desired.initialize(deviceId, deps.rollouts.initialDoc(deviceId, unique, defaultDesiredDoc())) };
       });
+      deps.rollouts.deviceAdded(deviceId, unique, row);
       await deps.principalsChanged();
       // The retained document is published now, so the device finds it on its first connect.
       await desired.publish(row, null);
@@ -91,9 +100,26 @@ export function createHandlers(deps: HandlerDeps): Handlers {
     'devices.remove': async ({ deviceId }) => {
       requireDevice(store, deviceId);
       store.principals.remove(deviceId);
+      deps.rollouts.deviceRemoved(deviceId);
       await deps.principalsChanged(deviceId);
       await desired.clear(deviceId);
       return { deviceId };
+    },
+
+    'devices.tag': ({ deviceIds, add, remove }) => {
+      const ids = [...new Set(deviceIds)];
+      const drop = new Set(remove);
+      const out = store.transaction(() =>
+        ids.map((deviceId) => {
+          const d = requireDevice(store, deviceId);
+          const tags = [...new Set([...d.tags.filter((t) => !drop.has(t)), ...(add ?? [])])].sort();
+          if (tags.length > MAX_TAGS_PER_DEVICE) throw new EdgefleetError('EF_BAD_PARAMS', `${deviceId} would have ${tags.length} tags; at most ${MAX_TAGS_PER_DEVICE}`);
+          store.devices.setTags(deviceId, tags);
+          return { deviceId, tags };
+        }),
+      );
+      for (const d of out) deps.rollouts.tagsChanged(d.deviceId, d.tags);
+      return { devices: out };
     },
 
     'desired.get': ({ deviceId }) => {
@@ -145,6 +171,17 @@ export function createHandlers(deps: HandlerDeps): Handlers {
         rejected: deps.rejected(),
       };
     },
+
+    'rollouts.start': (p, caller) => deps.rollouts.startRollout(p, caller.name),
+    'rollouts.list': ({ name, active, limit }) => ({ rollouts: deps.rollouts.list({ name, active, limit: limit ?? 50 }) }),
+    'rollouts.show': ({ id }) => deps.rollouts.show(id),
+    'rollouts.pause': ({ id, reason }, caller) => deps.rollouts.command(id, 'pause', caller.name, reason),
+    'rollouts.resume': ({ id, reason }, caller) => deps.rollouts.command(id, 'resume', caller.name, reason),
+    'rollouts.approve': ({ id, reason }, caller) => deps.rollouts.command(id, 'approve', caller.name, reason),
+    'rollouts.abort': ({ id, reason }, caller) => deps.rollouts.command(id, 'abort', caller.name, reason),
+    'safeMode.on': ({ selector, reason }, caller) => deps.rollouts.safeModeOn(selector ?? { kind: 'all' }, reason, caller.name),
+    'safeMode.off': ({ selector }, caller) => deps.rollouts.safeModeOff(selector, caller.name),
+    'safeMode.status': () => deps.rollouts.safeModeStatus(),
 
     ...createModelHandlers({ store, registry: deps.registry, keys: deps.keys, desired, now: deps.now, artifactsUrl: deps.artifactsUrl }),
   };

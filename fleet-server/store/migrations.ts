@@ -124,4 +124,39 @@ export const MIGRATIONS: readonly string[] = [
     PRIMARY KEY (name, version, device_id)
   ) WITHOUT ROWID;
   `,
+  // v5: device tags, staged rollouts and their members, safe mode.
+  `
+  ALTER TABLE devices ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+  CREATE TABLE rollouts (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    name            TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    selector        TEXT NOT NULL,
+    plan            TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    created_by      TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+  );
+  CREATE INDEX rollouts_name ON rollouts (name, id);
+  -- A member is a device the rollout put on its version, with the slot it had before (its way back).
+  CREATE TABLE rollout_members (
+    rollout_id  INTEGER NOT NULL REFERENCES rollouts (id),
+    device_id   TEXT NOT NULL,
+    wave        INTEGER NOT NULL,
+    previous    TEXT,
+    enlisted_at INTEGER NOT NULL,
+    assigned_at INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+  ) WITHOUT ROWID;
+  CREATE TABLE safe_mode (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    selector TEXT NOT NULL,
+    since    INTEGER NOT NULL,
+    actor    TEXT NOT NULL,
+    reason   TEXT
+  );
+  `,
 ];

@@ -13,9 +13,11 @@ import type {
   Principal,
   PrincipalKind,
   ReportedRow,
+  RolloutMemberRow,
+  RolloutRow,
   TelemetryStats,
 } from './types.js';
-import type { ModelRuntime, ModelStatus, RecordClass, Role } from '../../proto/index.js';
+import type { ModelRuntime, ModelSlot, ModelStatus, RecordClass, Role, RolloutPlan, RolloutStatus, SafeModeRecord, Selector } from '../../proto/index.js';
 
 interface PrincipalSql {
   name: string;
@@ -32,6 +34,7 @@ interface DeviceSql {
   session: number;
   facts: string | null;
   rejected: number;
+  tags: string;
 }
 interface DesiredSql {
   device_id: string;
@@ -101,6 +104,7 @@ const device = (r: DeviceSql): DeviceRow => ({
   session: r.session,
   facts: r.facts === null ? null : (JSON.parse(r.facts) as DeviceRow['facts']),
   rejected: r.rejected,
+  tags: JSON.parse(r.tags) as string[],
 });
 const desired = (r: DesiredSql): DesiredRow => ({
   deviceId: r.device_id,
@@ -124,6 +128,44 @@ const modelSummary = (r: ModelVersionSql): ModelVersionSummaryRow => ({
 });
 const modelVersion = (r: ModelVersionSql): ModelVersionRow => ({ ...modelSummary(r), manifestJson: r.manifest_json as string });
 
+interface RolloutSql {
+  id: number;
+  name: string;
+  version: number;
+  manifest_sha256: string;
+  selector: string;
+  plan: string;
+  status: string;
+  created_by: string;
+  created_at: number;
+}
+const rollout = (r: RolloutSql): RolloutRow => ({
+  id: r.id,
+  name: r.name,
+  version: r.version,
+  manifestSha256: r.manifest_sha256,
+  selector: JSON.parse(r.selector) as Selector,
+  plan: JSON.parse(r.plan) as RolloutPlan,
+  status: JSON.parse(r.status) as RolloutStatus,
+  createdBy: r.created_by,
+  createdAt: r.created_at,
+});
+interface MemberSql {
+  rollout_id: number;
+  device_id: string;
+  wave: number;
+  previous: string | null;
+  enlisted_at: number;
+  assigned_at: number;
+}
+interface SafeModeSql {
+  id: number;
+  selector: string;
+  since: number;
+  actor: string;
+  reason: string | null;
+}
+
 const MODEL_SUMMARY_COLUMNS = 'name, version, status, manifest_sha256, runtime, parent, expires_at, size_bytes, created_at, status_at';
 
 /** The fleet's state in one SQLite file (better-sqlite3, WAL). */
@@ -144,6 +186,24 @@ export function openSqliteStore(path: string): FleetStore {
     dTouch: db.prepare('UPDATE devices SET last_seen = ? WHERE id = ? AND (last_seen IS NULL OR last_seen < ?)'),
     dFacts: db.prepare('UPDATE devices SET facts = ?, last_seen = ? WHERE id = ?'),
     dRejected: db.prepare('UPDATE devices SET rejected = rejected + ? WHERE id = ?'),
+    dTags: db.prepare('UPDATE devices SET tags = ? WHERE id = ?'),
+    roInsert: db.prepare(
+      `INSERT INTO rollouts (name, version, manifest_sha256, selector, plan, status, state, created_by, created_at, updated_at)
+       VALUES (@name, @version, @manifestSha256, @selector, @plan, @status, @state, @createdBy, @createdAt, @createdAt)`,
+    ),
+    roGet: db.prepare<[number], RolloutSql>('SELECT * FROM rollouts WHERE id = ?'),
+    roList: db.prepare<[{ name: string | null; active: number; limit: number }], RolloutSql>(
+      `SELECT * FROM rollouts WHERE (@name IS NULL OR name = @name) AND (@active = 0 OR state NOT IN ('succeeded', 'halted', 'aborted')) ORDER BY id DESC LIMIT @limit`,
+    ),
+    roStatus: db.prepare('UPDATE rollouts SET status = ?, state = ?, updated_at = ? WHERE id = ?'),
+    roMembers: db.prepare<[number], MemberSql>('SELECT * FROM rollout_members WHERE rollout_id = ?'),
+    roAddMember: db.prepare(
+      `INSERT INTO rollout_members (rollout_id, device_id, wave, previous, enlisted_at, assigned_at) VALUES (@rolloutId, @deviceId, @wave, @previous, @enlistedAt, @assignedAt)
+       ON CONFLICT (rollout_id, device_id) DO NOTHING`,
+    ),
+    smInsert: db.prepare('INSERT INTO safe_mode (selector, since, actor, reason) VALUES (?, ?, ?, ?)'),
+    smList: db.prepare<[], SafeModeSql>('SELECT * FROM safe_mode ORDER BY id'),
+    smRemove: db.prepare('DELETE FROM safe_mode WHERE id = ?'),
     sGet: db.prepare<[string], DesiredSql>('SELECT * FROM desired_state WHERE device_id = ?'),
     sPut: db.prepare(
       `INSERT INTO desired_state (device_id, version, doc, digest, updated_at) VALUES (@deviceId, @version, @doc, @digest, @updatedAt)
@@ -210,8 +270,36 @@ export function openSqliteStore(path: string): FleetStore {
   /** Devices that received telemetry since the last count-based prune. */
   const grown = new Set<string>();
 
+  /** Work to run once the outermost transaction commits (dropped if it rolls back). */
+  let depth = 0;
+  let committed: (() => void)[] = [];
+  const transaction = <T>(fn: () => T): T => {
+    depth++;
+    const mark = committed.length;
+    let result: T;
+    try {
+      result = db.transaction(fn)();
+    } catch (e) {
+      // A savepoint rolled back: so does the work it queued.
+      depth--;
+      committed.length = mark;
+      throw e;
+    }
+    depth--;
+    if (depth === 0 && committed.length > 0) {
+      const run = committed;
+      committed = [];
+      for (const f of run) f();
+    }
+    return result;
+  };
+
   return {
-    transaction: <T>(fn: () => T): T => db.transaction(fn)(),
+    transaction,
+    afterCommit: (fn) => {
+      if (depth === 0) fn();
+      else committed.push(fn);
+    },
     principals: {
       get: (name) => {
         const r = q.pGet.get(name);
@@ -234,6 +322,7 @@ export function openSqliteStore(path: string): FleetStore {
       touch: (id, at) => void q.dTouch.run(at, id, at),
       setFacts: (id, facts, at) => void q.dFacts.run(JSON.stringify(facts), at, id),
       addRejected: (id, n) => void q.dRejected.run(n, id),
+      setTags: (id, tags) => void q.dTags.run(JSON.stringify(tags), id),
     },
     desired: {
       get: (id) => {
@@ -315,6 +404,45 @@ export function openSqliteStore(path: string): FleetStore {
     transfers: {
       put: (row) => void q.tPut.run(row),
       totals: (name, version) => q.tTotals.get(name, version)!,
+    },
+    rollouts: {
+      insert: (r) =>
+        Number(
+          q.roInsert.run({
+            name: r.name,
+            version: r.version,
+            manifestSha256: r.manifestSha256,
+            selector: JSON.stringify(r.selector),
+            plan: JSON.stringify(r.plan),
+            status: JSON.stringify(r.status),
+            state: r.status.state,
+            createdBy: r.createdBy,
+            createdAt: r.createdAt,
+          }).lastInsertRowid,
+        ),
+      get: (id) => {
+        const r = q.roGet.get(id);
+        return r ? rollout(r) : null;
+      },
+      list: ({ name, active, limit }) => q.roList.all({ name: name ?? null, active: active ? 1 : 0, limit }).map(rollout),
+      setStatus: (id, status, at) => void q.roStatus.run(JSON.stringify(status), status.state, at, id),
+      members: (id) =>
+        q.roMembers.all(id).map(
+          (r): RolloutMemberRow => ({
+            rolloutId: r.rollout_id,
+            deviceId: r.device_id,
+            wave: r.wave,
+            previous: r.previous === null ? null : (JSON.parse(r.previous) as ModelSlot),
+            enlistedAt: r.enlisted_at,
+            assignedAt: r.assigned_at,
+          }),
+        ),
+      addMember: (m) => void q.roAddMember.run({ ...m, previous: m.previous === null ? null : JSON.stringify(m.previous) }),
+    },
+    safeMode: {
+      insert: (r) => Number(q.smInsert.run(JSON.stringify(r.selector), r.since, r.by, r.reason).lastInsertRowid),
+      list: () => q.smList.all().map((r): SafeModeRecord => ({ id: r.id, selector: JSON.parse(r.selector) as Selector, since: r.since, by: r.actor, reason: r.reason })),
+      remove: (id) => void q.smRemove.run(id),
     },
     audit: {
       append: (e) => Number(q.aAppend.run(e.ts, e.actor, e.action, e.target, e.ok ? 1 : 0, e.detail === undefined ? null : JSON.stringify(e.detail)).lastInsertRowid),

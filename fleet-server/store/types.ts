@@ -4,7 +4,12 @@ import type {
   FactsMessage,
   JsonPatch,
   ModelRuntime,
+  ModelSlot,
   ModelStatus,
+  RolloutPlan,
+  RolloutStatus,
+  SafeModeRecord,
+  Selector,
   RecordClass,
   ReportedMessage,
   Role,
@@ -35,6 +40,7 @@ export interface DeviceRow {
   session: number;
   facts: FactsMessage | null;
   rejected: number;
+  tags: string[];
 }
 
 export interface DesiredRow {
@@ -137,9 +143,33 @@ export interface ArtifactUse {
   manifestJson: string;
 }
 
+export interface RolloutRow {
+  id: number;
+  name: string;
+  version: number;
+  manifestSha256: string;
+  selector: Selector;
+  plan: RolloutPlan;
+  status: RolloutStatus;
+  createdBy: string;
+  createdAt: number;
+}
+
+export interface RolloutMemberRow {
+  rolloutId: number;
+  deviceId: string;
+  wave: number;
+  previous: ModelSlot | null;
+  /** The device's desired-state version once enlisted. */
+  enlistedAt: number;
+  assignedAt: number;
+}
+
 export interface FleetStore {
   /** Runs `fn` atomically: every write inside commits together or not at all. */
   transaction<T>(fn: () => T): T;
+  /** Runs `fn` once the outermost transaction commits, at once outside one; never if it rolls back. */
+  afterCommit(fn: () => void): void;
 
   principals: {
     get(name: string): Principal | null;
@@ -158,6 +188,7 @@ export interface FleetStore {
     touch(id: string, at: number): void;
     setFacts(id: string, facts: FactsMessage, at: number): void;
     addRejected(id: string, n: number): void;
+    setTags(id: string, tags: readonly string[]): void;
   };
   desired: {
     get(deviceId: string): DesiredRow | null;
@@ -198,6 +229,21 @@ export interface FleetStore {
     /** Keeps the latest report per (device, model version). */
     put(row: ModelTransferRow): void;
     totals(name: string, version: number): ModelTransferTotals;
+  };
+  rollouts: {
+    /** Returns the new rollout's id. */
+    insert(row: Omit<RolloutRow, 'id'>): number;
+    get(id: number): RolloutRow | null;
+    /** Newest first. `active`: not yet succeeded, halted or aborted (a finished revert still counts as done). */
+    list(opts: { name?: string | undefined; active?: boolean | undefined; limit: number }): RolloutRow[];
+    setStatus(id: number, status: RolloutStatus, at: number): void;
+    members(id: number): RolloutMemberRow[];
+    addMember(row: RolloutMemberRow): void;
+  };
+  safeMode: {
+    insert(r: Omit<SafeModeRecord, 'id'>): number;
+    list(): SafeModeRecord[];
+    remove(id: number): void;
   };
   audit: {
     append(e: Omit<AuditRow, 'seq'>): number;
