@@ -3,7 +3,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { userInfo } from 'node:os';
 import { parseArgs } from 'node:util';
-import { EXIT, EdgefleetError, RECORD_CLASSES, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type ModelSlotReport, type RecordClass, type Role } from '../proto/index.js';
+import { ERRORS, EXIT, EdgefleetError, RECORD_CLASSES, ROLES, isEdgefleetError, type ErrorCode, type JsonPatch, type ModelSlotReport, type RecordClass, type Role } from '../proto/index.js';
 import { writeFileAtomic } from '../common/files.js';
 import { VERSION } from '../common/version.js';
 import { OpsClient } from './ops-client.js';
@@ -11,15 +11,20 @@ import { resolveProfile } from './cli/profile.js';
 import { ago, bytes, table, time } from './cli/format.js';
 import { MODEL_USAGE, runKeyCommand, runModelCommand, type CommandContext, type ModelFlags } from './cli/model.js';
 import { DELTA_USAGE, runDeltaCommand, type DeltaFlags } from './cli/delta.js';
+import { WATCH_EXIT } from './cli/rollout-view.js';
+import { ROLLOUT_USAGE, runDevicesTag, runRolloutCommand, runSafeModeCommand, tagFlag, tagsCell, type RolloutFlags } from './cli/rollout.js';
 
 const USAGE = `edgefleet ${VERSION}: operator CLI
 
 usage: edgefleet [options] <command>
 
 commands:
-  devices list                         every device, its presence and sync state
+  devices list                         every device, its presence, sync state and tags
   devices show <id>                    one device: facts, desired and reported state, drift
-  devices add <id> [--out <file>]      provision a device; prints (or writes) its agent config
+  devices add <id> [--tag a,b] [--out <file>]
+                                       provision a device; prints (or writes) its agent config
+  devices tag <id>[,<id>...] [--add a,b] [--remove c]
+                                       change devices' tags (rollouts and safe mode select by them)
   devices remove <id>                  revoke a device's credential and forget it
   desired get <id>                     the device's desired-state document and version
   desired set <id> <patch|doc|file>    change it: a JSON Patch array, or a whole document
@@ -30,6 +35,7 @@ commands:
   stats                                fleet counters: devices, online, in sync, rejected messages
 ${MODEL_USAGE}
 ${DELTA_USAGE}
+${ROLLOUT_USAGE}
   broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>] [--run-as <user>]
                                        password file, ACL and mosquitto.conf for an external broker;
                                        Mosquitto runs as --run-as (default: whoever runs this command)
@@ -42,10 +48,12 @@ options:
   --timeout <sec>        how long to wait for the fleet (default 10)
 
 exit codes: 0 ok, 2 usage, 10 broker unreachable, 11 credentials refused, 12 forbidden,
-            13 not found, 14 invalid input, 15 timeout, 16 server error, 17 no credentials`;
+            13 not found, 14 invalid input, 15 timeout, 16 server error, 17 no credentials;
+            rollout watch: ${WATCH_EXIT.failed} halted or aborted, ${WATCH_EXIT.interrupted} interrupted (Ctrl-C)`;
 
 type Flags = ModelFlags &
-  DeltaFlags & {
+  DeltaFlags &
+  RolloutFlags & {
   json?: boolean;
   'artifacts-url'?: string;
   profile?: string;
@@ -101,6 +109,11 @@ const EXIT_FOR: Partial<Record<ErrorCode, number>> = {
   EF_GOLDEN_MISMATCH: EXIT.CLI_INVALID,
   EF_RUNTIME_FAILED: EXIT.CLI_INVALID,
   EF_INFER_INVALID: EXIT.CLI_INVALID,
+  EF_PLAN_INVALID: EXIT.CLI_INVALID,
+  EF_UNKNOWN_ROLLOUT: EXIT.CLI_NOT_FOUND,
+  // Refusals because of state, like EF_VERSION_CONFLICT: the request is not acceptable now.
+  EF_ROLLOUT_CONFLICT: EXIT.CLI_INVALID,
+  EF_SAFE_MODE: EXIT.CLI_INVALID,
 };
 
 function out(flags: Flags, data: unknown, human: () => string): void {
@@ -155,20 +168,27 @@ function need(arg: string | undefined, what: string): string {
   return arg;
 }
 
-async function run(cmd: string[], flags: Flags): Promise<void> {
+/** What the command groups in scripts/cli/ borrow from here. */
+function commandContext(flags: Flags): CommandContext & { flags: Flags } {
+  return {
+    flags,
+    withClient: (fn, defaultTimeoutSec) => withClient(flags, fn, defaultTimeoutSec),
+    out: (data, human) => out(flags, data, human),
+    usage: (message) => new UsageError(message),
+    profile: () => resolveProfile(flags),
+  };
+}
+
+/** Runs a command; a number is its exit code when it is not simply success (`rollout watch`). */
+async function run(cmd: string[], flags: Flags): Promise<number | void> {
   const [group, verb, a1, a2] = cmd;
   const key = `${group ?? ''} ${verb ?? ''}`.trim();
   if (group === 'delta') return runDeltaCommand({ flags, out: (data, human) => out(flags, data, human), usage: (message) => new UsageError(message) }, cmd.slice(1));
-  if (group === 'model' || group === 'key') {
-    const ctx: CommandContext = {
-      flags,
-      withClient: (fn, defaultTimeoutSec) => withClient(flags, fn, defaultTimeoutSec),
-      out: (data, human) => out(flags, data, human),
-      usage: (message) => new UsageError(message),
-      profile: () => resolveProfile(flags),
-    };
-    return group === 'model' ? runModelCommand(ctx, cmd.slice(1)) : runKeyCommand(ctx, cmd.slice(1));
-  }
+  if (group === 'model') return runModelCommand(commandContext(flags), cmd.slice(1));
+  if (group === 'key') return runKeyCommand(commandContext(flags), cmd.slice(1));
+  if (group === 'rollout') return runRolloutCommand(commandContext(flags), cmd.slice(1));
+  if (group === 'safe-mode') return runSafeModeCommand(commandContext(flags), cmd.slice(1));
+  if (key === 'devices tag') return runDevicesTag(commandContext(flags), cmd.slice(2));
   switch (group === 'audit' || group === 'stats' || group === 'telemetry' ? group : key) {
     case 'devices list':
       return withClient(flags, async (c) => {
@@ -177,8 +197,16 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
           devices.length === 0
             ? 'no devices yet: add one with `edgefleet devices add <id>`'
             : table(
-                ['DEVICE', 'PRESENCE', 'LAST SEEN', 'DESIRED', 'REPORTED', 'SYNC'],
-                devices.map((d) => [d.deviceId, d.presence, ago(d.lastSeen), d.desiredVersion, d.reportedVersion, d.inSync ? 'in sync' : 'pending']),
+                ['DEVICE', 'PRESENCE', 'LAST SEEN', 'DESIRED', 'REPORTED', 'SYNC', 'TAGS'],
+                devices.map((d) => [
+                  d.deviceId,
+                  d.presence,
+                  ago(d.lastSeen),
+                  d.desiredVersion,
+                  d.reportedVersion,
+                  `${d.inSync ? 'in sync' : 'pending'}${d.safeMode ? ' (safe mode)' : ''}`,
+                  tagsCell(d.tags),
+                ]),
               ),
         );
       });
@@ -190,6 +218,8 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
           const lines = [
             `device      ${d.deviceId}`,
             `presence    ${d.presence} (last seen ${ago(d.lastSeen)})`,
+            `tags        ${d.tags.join(', ') || 'none'}`,
+            ...(d.safeMode ? ['safe mode   on: its models run their pinned fallbacks (edgefleet safe-mode status)'] : []),
             `desired     version ${d.desiredVersion}`,
             `reported    ${d.reportedVersion === null ? 'nothing yet' : `version ${d.reportedVersion}`} · ${d.inSync ? 'in sync' : 'not in sync'}`,
             `rejected    ${d.rejectedMessages} malformed messages`,
@@ -219,10 +249,11 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
           return lines.join('\n');
         });
       });
-    case 'devices add':
+    case 'devices add': {
+      const deviceId = need(a1, 'device id');
+      const tags = tagFlag(commandContext(flags));
       return withClient(flags, async (c) => {
-        const deviceId = need(a1, 'device id');
-        const r = await c.call('devices.add', { deviceId });
+        const r = await c.call('devices.add', { deviceId, ...(tags === undefined ? {} : { tags }) });
         // Where the device downloads models and which key signs them; absent from a fleet without a registry.
         const models = await c.call('models.provisioning', {}).catch(() => undefined);
         const agentConfig = { deviceId, broker: { url: r.credential.brokerUrl, password: r.credential.password }, ...(models ? { models } : {}) };
@@ -233,6 +264,7 @@ async function run(cmd: string[], flags: Flags): Promise<void> {
             : `added ${deviceId}. Its agent config (shown once; the fleet keeps only a hash):\n${JSON.stringify(agentConfig, null, 2)}`,
         );
       });
+    }
     case 'devices remove':
       return withClient(flags, async (c) => {
         const r = await c.call('devices.remove', { deviceId: need(a1, 'device id') });
@@ -377,6 +409,13 @@ async function main(argv: string[]): Promise<number> {
         base: { type: 'string' },
         patch: { type: 'string' },
         'model-json': { type: 'string' },
+        plan: { type: 'string' },
+        selector: { type: 'string' },
+        interval: { type: 'string' },
+        active: { type: 'boolean' },
+        add: { type: 'string' },
+        remove: { type: 'string' },
+        tag: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -390,16 +429,19 @@ async function main(argv: string[]): Promise<number> {
     return EXIT.OK;
   }
   try {
-    await run(parsed.positionals, flags);
-    return EXIT.OK;
+    const code = await run(parsed.positionals, flags);
+    return typeof code === 'number' ? code : EXIT.OK;
   } catch (e) {
     if (e instanceof UsageError) {
       process.stderr.write(`edgefleet: ${e.message}\n\n${USAGE}\n`);
       return EXIT.USAGE;
     }
     if (isEdgefleetError(e)) {
-      if (flags.json) process.stdout.write(JSON.stringify({ ok: false, error: { code: e.code, message: e.message } }) + '\n');
-      process.stderr.write(`edgefleet: ${e.message} [${e.code}]\n`);
+      // EF_PLAN_INVALID lists every error in `details`; its message repeats them on one line.
+      const lines = Array.isArray(e.details) && e.details.length > 0 && e.details.every((d) => typeof d === 'string') ? e.details : null;
+      if (flags.json) process.stdout.write(JSON.stringify({ ok: false, error: { code: e.code, message: e.message, ...(lines ? { details: lines } : {}) } }) + '\n');
+      if (lines) process.stderr.write(`edgefleet: ${ERRORS[e.code]} [${e.code}]\n${lines.map((l) => `  ${l}\n`).join('')}`);
+      else process.stderr.write(`edgefleet: ${e.message} [${e.code}]\n`);
       return EXIT_FOR[e.code] ?? EXIT.CLI_SERVER_ERROR;
     }
     process.stderr.write(`edgefleet: ${(e as Error).stack ?? String(e)}\n`);

@@ -29,3 +29,19 @@ export function bytes(n: number): string {
   }
   return `${v.toFixed(u === 0 ? 0 : 1)} ${units[u]}`;
 }
+
+/** Seconds as an operator reads them: `45s`, `2m`, `1m30s`, `2h`, `3d4h`. */
+export function duration(sec: number): string {
+  const s = Math.max(0, Math.round(sec));
+  const parts = (big: number, bigUnit: string, small: number, smallUnit: string): string => `${big}${bigUnit}${small > 0 ? `${small}${smallUnit}` : ''}`;
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return parts(Math.floor(s / 60), 'm', s % 60, 's');
+  if (s < 86_400) return parts(Math.floor(s / 3600), 'h', Math.floor((s % 3600) / 60), 'm');
+  return parts(Math.floor(s / 86_400), 'd', Math.floor((s % 86_400) / 3600), 'h');
+}
+
+/** A share (0..1) as a percentage with at most `digits` decimals: `5%`, `27.3%`; `-` when there is none. */
+export function pct(share: number | null | undefined, digits = 1): string {
+  if (share === null || share === undefined || !Number.isFinite(share)) return '-';
+  return `${Number((share * 100).toFixed(digits))}%`;
+}

@@ -446,7 +446,7 @@ describe.concurrent('edgefleet CLI', () => {
     const human = await cli(['--profile', fleet.profile, 'devices', 'list'], cwd);
     expect(human.code, human.stderr).toBe(EXIT.OK);
     const [header, ...rows] = human.stdout.trimEnd().split('\n');
-    expect(header).toMatch(/^DEVICE\s+PRESENCE\s+LAST SEEN\s+DESIRED\s+REPORTED\s+SYNC$/);
+    expect(header).toMatch(/^DEVICE\s+PRESENCE\s+LAST SEEN\s+DESIRED\s+REPORTED\s+SYNC\s+TAGS$/);
     expect(rows.some((r) => /^dev-1\s+never\s+never\s/.test(r)), human.stdout).toBe(true);
 
     const json = await cli(['--profile', fleet.profile, '--json', 'devices', 'list'], cwd);
