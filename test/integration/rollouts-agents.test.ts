@@ -11,7 +11,8 @@ import { irisSamples } from '../../scripts/train-iris.js';
 import { cleanup, waitFor } from '../helpers/fleet.js';
 import { ALL_ROWS, assign, irisModels, irisPublish, irisVectorsFile, publishModel, serving, startModelAgent, startModelFleet, type ModelFleet } from '../helpers/models.js';
 
-const QUICK = { probationRequests: 30, probationSec: 0.3, confidenceOutput: 'probabilities' };
+/** Device-side latency checks are loose here: on a busy CI machine three agents share two cores with the fleet. */
+const QUICK = { probationRequests: 30, probationSec: 0.3, confidenceOutput: 'probabilities', latencyRatioMax: 50, latencySlackMs: 50 };
 /** Gates that judge the real figures but do not trip on the scheduling noise of three agents in one test process. */
 const GATES = { minRequests: 10, maxLatencyRatio: 20, maxConfidenceDrop: 0.2 };
 const PLAN: RolloutPlanInput = {
