@@ -3,6 +3,7 @@ import { createRequire } from 'node:module';
 import { mkdirSync } from 'node:fs';
 import { Aedes, type AuthenticateError, type Client, type PublishPacket, type Subscription } from 'aedes';
 import { Level } from 'level';
+import { installRetainedReads, type RetainedReads } from './retained.js';
 import { EdgefleetError } from '../../proto/index.js';
 import type { Logger } from '../../common/log.js';
 import type { RejectCounter } from '../../common/reject-counter.js';
@@ -62,6 +63,7 @@ export class EmbeddedBroker {
   private aedes: Aedes | null = null;
   private server: Server | null = null;
   private persistence: { destroy(): Promise<void> } | null = null;
+  private retained: RetainedReads | null = null;
   private readonly identities = new WeakMap<Client, Identity>();
   private boundPort = 0;
 
@@ -81,6 +83,7 @@ export class EmbeddedBroker {
     const db = new Level<string, Buffer>(this.opts.persistenceDir, { valueEncoding: 'buffer' });
     await db.open();
     this.persistence = new AsyncLevelPersistence(db);
+    this.retained = installRetainedReads(this.persistence as unknown as Parameters<typeof installRetainedReads>[0], db, this.log);
     const aedes = await Aedes.createBroker({
       persistence: this.persistence,
       preConnect: (client, _packet, done) => {
@@ -142,6 +145,9 @@ export class EmbeddedBroker {
     const listenerClosed = server ? new Promise<void>((resolve) => server.close(() => resolve())) : Promise.resolve();
     if (aedes) await new Promise<void>((resolve) => aedes.close(() => resolve()));
     await listenerClosed;
+    // Reads of retained messages still running would fail on the closed database: end them first.
+    await this.retained?.drain();
+    this.retained = null;
     if (this.persistence) await this.persistence.destroy();
     this.persistence = null;
   }
