@@ -16,6 +16,7 @@ import type { Logger } from '../../common/log.js';
 import type { RejectCounter } from '../../common/reject-counter.js';
 import type { DesiredStateService } from '../sync/desired.js';
 import type { FleetStore } from '../store/types.js';
+import { WriteBatcher } from '../store/batch.js';
 
 const SCHEMAS = { status: StatusMessage, facts: FactsMessage, reported: ReportedMessage, resync: ResyncMessage } as const;
 
@@ -24,6 +25,9 @@ const SCHEMAS = { status: StatusMessage, facts: FactsMessage, reported: Reported
  * else sees it; a message that fails is counted against its device and dropped, never stored.
  */
 export class DeviceInbound {
+  /** Reports are the bulk of what devices send: their writes are committed together. */
+  private readonly writes: WriteBatcher;
+
   constructor(
     private readonly store: FleetStore,
     private readonly desired: DesiredStateService,
@@ -34,7 +38,9 @@ export class DeviceInbound {
     private readonly now: () => number = Date.now,
     /** Told of every report once it is stored (rollouts and safe mode judge from them). */
     private readonly onReported: (deviceId: string, msg: ReportedMessage) => void = () => undefined,
-  ) {}
+  ) {
+    this.writes = new WriteBatcher(store);
+  }
 
   async handle(topic: string, payload: Buffer): Promise<void> {
     const t = parseTopic(topic);
@@ -45,6 +51,7 @@ export class DeviceInbound {
     const { deviceId, kind } = t;
     // An empty retained payload is how a retained message is cleared; it carries nothing to store.
     if (payload.length === 0) return;
+    if (kind === 'reported') return this.reported(deviceId, payload);
     const device = this.store.devices.get(deviceId);
     if (!device) {
       this.rejects.reject('EF_UNKNOWN_DEVICE', deviceId, { kind });
@@ -58,6 +65,34 @@ export class DeviceInbound {
     }
     const at = this.now();
     await this.dispatch(deviceId, kind, decoded.value, at);
+  }
+
+  /**
+   * A report: parsed here, stored with the other reports of this turn of the event loop in one
+   * transaction (the device check inside it), then handed to the rollouts.
+   */
+  private async reported(deviceId: string, payload: Buffer): Promise<void> {
+    const decoded = decodeJson(ReportedMessage, payload, MAX_PAYLOAD_BYTES.reported);
+    const at = this.now();
+    const outcome = await this.writes.run(() => {
+      if (!this.store.devices.get(deviceId)) return 'unknown' as const;
+      if (!decoded.ok) {
+        this.store.devices.addRejected(deviceId, 1);
+        return 'invalid' as const;
+      }
+      this.store.devices.touch(deviceId, at);
+      return this.desired.recordReported(deviceId, decoded.value);
+    });
+    if (outcome === 'unknown') {
+      this.rejects.reject('EF_UNKNOWN_DEVICE', deviceId, { kind: 'reported' });
+      return;
+    }
+    if (!decoded.ok || outcome === 'invalid') {
+      if (!decoded.ok) this.rejects.reject(decoded.error.code, deviceId, { kind: 'reported', message: decoded.error.message.slice(0, 200) });
+      return;
+    }
+    this.onReported(deviceId, decoded.value);
+    await this.desired.resyncIfBehind(deviceId, decoded.value.desiredVersion, outcome.desiredVersion);
   }
 
   private async dispatch(deviceId: string, kind: UpKind, value: unknown, at: number): Promise<void> {
@@ -77,14 +112,8 @@ export class DeviceInbound {
       case 'facts':
         this.store.devices.setFacts(deviceId, value as FactsMessage, at);
         return;
-      case 'reported': {
-        const msg = value as ReportedMessage;
-        this.store.devices.touch(deviceId, at);
-        this.desired.recordReported(deviceId, msg);
-        this.onReported(deviceId, msg);
-        await this.desired.resyncIfBehind(deviceId, msg.desiredVersion);
-        return;
-      }
+      case 'reported':
+        return; // handled by reported(), before dispatch
       case 'telemetry': {
         const batch = value as TelemetryBatch;
         // Stored (or found already stored) before the ack goes out: an ack is a promise that the

@@ -284,12 +284,22 @@ export function reconcile(spec: RolloutSpecData, prev: RolloutStatus, obs: Obser
   const members = obs.devices.filter((d) => d.member !== null);
   const standings = new Map<string, Standing>();
   for (const d of members) standings.set(d.id, standing(spec, d));
-  s.contradictions = obs.devices.reduce((n, d) => n + (contradicts(spec, d) ? 1 : 0), 0);
-  const clean = (d: DeviceObservation): boolean => !contradicts(spec, d);
+  const liars = new Set<string>();
+  for (const d of obs.devices) if (contradicts(spec, d)) liars.add(d.id);
+  s.contradictions = liars.size;
+  const clean = (d: DeviceObservation): boolean => !liars.has(d.id);
 
   const waves = waveNumber(spec.plan, spec.plan.steps.length - 1);
-  s.waves = Array.from({ length: waves }, (_, i) => countOf(members.filter((d) => d.member?.wave === i + 1 && clean(d)).map((d) => standings.get(d.id) as Standing)));
-  s.total = countOf(members.filter(clean).map((d) => standings.get(d.id) as Standing));
+  const perWave: Standing[][] = Array.from({ length: waves }, () => []);
+  const all: Standing[] = [];
+  for (const d of members) {
+    if (!clean(d)) continue;
+    const st = standings.get(d.id) as Standing;
+    all.push(st);
+    perWave[(d.member as Member).wave - 1]?.push(st);
+  }
+  s.waves = perWave.map(countOf);
+  s.total = countOf(all);
   s.selected = selected.length;
 
   if (isFinal(s)) {

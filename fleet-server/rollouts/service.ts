@@ -26,6 +26,8 @@ import { command, initialStatus, isFinal, reconcile, type Decision, type DeviceO
 /** What the fleet knows of one device, kept in memory so a reconcile over ten thousand devices costs milliseconds. */
 interface DeviceView {
   id: string;
+  /** Raised on every change, so a rollout's observation of the device is rebuilt only when it moved. */
+  rev: number;
   tags: string[];
   desiredVersion: number;
   doc: DesiredDoc;
@@ -38,6 +40,8 @@ interface Tracked {
   members: Map<string, Member>;
   /** The sticky order: sha256 of rollout id and device id, computed once per device. */
   ranks: Map<string, string>;
+  /** Observations as last built, per device, with what they were built from. */
+  seen: Map<string, { rev: number; member: Member | null; obs: DeviceObservation }>;
   createdBy: string;
   createdAt: number;
 }
@@ -53,6 +57,9 @@ export interface RolloutServiceOptions {
   /** Reports arriving together are reconciled together, this long after the first. */
   debounceMs?: number;
 }
+
+/** Devices whose desired state is written and published per step of a large change. */
+const CHUNK = 500;
 
 /** A selector as a fast predicate (a list of ten thousand ids is a set, not a scan). */
 function matcher(selector: Selector): (d: { id: string; tags: readonly string[] }) => boolean {
@@ -88,7 +95,10 @@ export class RolloutService {
   private pending: NodeJS.Timeout | null = null;
   private queue: Promise<void> = Promise.resolve();
   private stopped = false;
+  /** How long the last reconcile of every rollout took: the debounce grows with it under load. */
+  private lastRunMs = 0;
   private readonly listeners = new Set<(view: RolloutView) => void>();
+  private readonly inflight = new Set<Promise<void>>();
 
   constructor(private readonly opts: RolloutServiceOptions) {
     this.store = opts.store;
@@ -105,6 +115,7 @@ export class RolloutService {
       const reported = this.store.reported.get(d.id);
       this.devices.set(d.id, {
         id: d.id,
+        rev: 0,
         tags: d.tags,
         desiredVersion: desired?.version ?? 0,
         doc: desired?.doc ?? { agent: { logLevel: 'info', reportIntervalSec: 300, factsIntervalSec: 3600 }, models: {} },
@@ -128,6 +139,7 @@ export class RolloutService {
     if (this.pending) clearTimeout(this.pending);
     this.timer = this.pending = null;
     await this.queue;
+    await Promise.allSettled([...this.inflight]);
   }
 
   /** Called with a rollout's view whenever its status changes (the benchmark and tests watch it). */
@@ -140,7 +152,7 @@ export class RolloutService {
   // What the rest of the fleet tells it
 
   deviceAdded(id: string, tags: readonly string[], row: DesiredRow): void {
-    this.devices.set(id, { id, tags: [...tags], desiredVersion: row.version, doc: row.doc, report: null });
+    this.devices.set(id, { id, rev: 0, tags: [...tags], desiredVersion: row.version, doc: row.doc, report: null });
   }
 
   deviceRemoved(id: string): void {
@@ -149,7 +161,10 @@ export class RolloutService {
 
   tagsChanged(id: string, tags: readonly string[]): void {
     const d = this.devices.get(id);
-    if (d) d.tags = [...tags];
+    if (d) {
+      d.tags = [...tags];
+      d.rev++;
+    }
     this.schedule();
   }
 
@@ -157,6 +172,7 @@ export class RolloutService {
     const d = this.devices.get(deviceId);
     if (!d) return;
     d.report = { desiredVersion: msg.desiredVersion, models: msg.models };
+    d.rev++;
     if (this.tracked.size > 0) this.schedule();
   }
 
@@ -165,6 +181,7 @@ export class RolloutService {
     if (!d) return;
     d.desiredVersion = row.version;
     d.doc = row.doc;
+    d.rev++;
   }
 
   /** The document a new device starts with: in safe mode when a safe-mode record selects it. */
@@ -301,6 +318,7 @@ export class RolloutService {
       status: row.status,
       members,
       ranks: new Map(),
+      seen: new Map(),
       createdBy: row.createdBy,
       createdAt: row.createdAt,
     };
@@ -313,7 +331,7 @@ export class RolloutService {
     if (!row) throw new EdgefleetError('EF_UNKNOWN_ROLLOUT', `no rollout ${id}`);
     const members = new Map<string, Member>();
     for (const m of this.store.rollouts.members(row.id)) members.set(m.deviceId, { wave: m.wave, previous: m.previous, enlistedAt: m.enlistedAt });
-    return { spec: { id: row.id, name: row.name, version: row.version, manifestSha256: row.manifestSha256, selector: row.selector, plan: row.plan }, status: row.status, members, ranks: new Map(), createdBy: row.createdBy, createdAt: row.createdAt };
+    return { spec: { id: row.id, name: row.name, version: row.version, manifestSha256: row.manifestSha256, selector: row.selector, plan: row.plan }, status: row.status, members, ranks: new Map(), seen: new Map(), createdBy: row.createdBy, createdAt: row.createdAt };
   }
 
   private schedule(): void {
@@ -321,7 +339,7 @@ export class RolloutService {
     this.pending = setTimeout(() => {
       this.pending = null;
       this.kick();
-    }, this.opts.debounceMs ?? 20);
+    }, Math.min(250, Math.max(this.opts.debounceMs ?? 20, 2 * this.lastRunMs)));
   }
 
   private kick(): void {
@@ -341,7 +359,9 @@ export class RolloutService {
 
   private run(): Promise<void> {
     return this.serial(async () => {
+      const t0 = performance.now();
       for (const t of [...this.tracked.values()]) await this.reconcileOne(t);
+      this.lastRunMs = performance.now() - t0;
     });
   }
 
@@ -360,13 +380,18 @@ export class RolloutService {
       const member = t.members.get(d.id) ?? null;
       const selected = match(d);
       if (!selected && !member) continue;
+      const cached = t.seen.get(d.id);
+      if (cached && cached.rev === d.rev && cached.member === member && cached.obs.selected === selected) {
+        devices.push(cached.obs);
+        continue;
+      }
       let rank = t.ranks.get(d.id);
       if (rank === undefined) {
         rank = createHash('sha256').update(`${t.spec.id}:${d.id}`).digest('hex').slice(0, 16);
         t.ranks.set(d.id, rank);
       }
       const m = d.report?.models[name];
-      devices.push({
+      const obs: DeviceObservation = {
         id: d.id,
         rank,
         selected,
@@ -377,7 +402,9 @@ export class RolloutService {
         report: d.report
           ? { desiredVersion: d.report.desiredVersion, model: m ? { active: m.active, activeSha256: m.activeSha256, history: m.history, failed: m.failed, metrics: m.metrics ?? null } : null }
           : null,
-      });
+      };
+      t.seen.set(d.id, { rev: d.rev, member, obs });
+      devices.push(obs);
     }
     return { now: this.now(), devices };
   }
@@ -395,8 +422,13 @@ export class RolloutService {
     }
     const statusChanged = d.status.updatedAt !== t.status.updatedAt || d.actions.length > 0;
     const at = this.now();
-    const changes = this.store.transaction(() => {
-      const changes = this.desired.changeMany([...slots.keys()], (doc, id) => {
+    // Desired-state changes go out in chunks, each committed then published while the next is
+    // written, so the first devices act while the fleet still writes to the last. The status (a
+    // halt, a new step) is stored with the first chunk: a crash part-way leaves a status whose next
+    // reconcile issues what is missing again (level-triggered), never changes without their status.
+    const ids = [...slots.keys()];
+    const chunk = (part: readonly string[]): { row: DesiredRow; previous: DesiredRow }[] => {
+      const changes = this.desired.changeMany(part, (doc, id) => {
         const slot = slots.get(id);
         const models = { ...doc.models };
         if (slot) models[spec.name] = slot;
@@ -404,17 +436,22 @@ export class RolloutService {
         return { ...doc, models };
       });
       const versions = new Map(changes.map((c) => [c.row.deviceId, c.row.version]));
-      for (const [deviceId, e] of enlist) {
+      for (const deviceId of part) {
+        const e = enlist.get(deviceId);
+        if (!e) continue;
         const enlistedAt = versions.get(deviceId) ?? this.devices.get(deviceId)?.desiredVersion ?? 0;
         this.store.rollouts.addMember({ rolloutId: spec.id, deviceId, wave: e.wave, previous: e.previous, enlistedAt, assignedAt: at });
         t.members.set(deviceId, { wave: e.wave, previous: e.previous, enlistedAt });
       }
+      return changes;
+    };
+    const first = this.store.transaction(() => {
       for (const a of d.actions) {
         if (a.kind === 'registry') this.setRegistryStatus(spec, a.status, a.reason);
         else if (a.kind === 'audit') this.store.audit.append({ ts: at, actor: `rollout:${spec.id}`, action: a.action, target: modelRef(spec.name, spec.version), ok: true, detail: { rollout: spec.id, ...a.detail } });
       }
       if (statusChanged) this.store.rollouts.setStatus(spec.id, d.status, at);
-      return changes;
+      return chunk(ids.slice(0, CHUNK));
     });
     const before = t.status;
     t.status = d.status;
@@ -423,7 +460,20 @@ export class RolloutService {
     }
     if (enlist.size > 0) this.log.info({ rollout: spec.id, devices: enlist.size, step: d.status.step }, 'devices enlisted');
     if (statusChanged) for (const fn of this.listeners) fn(this.view(t));
-    await this.publish(changes);
+    // Publications are not awaited: the next reconcile need not wait for ten thousand
+    // acknowledgements. What is stored is the truth; a publication that fails is retried by the
+    // fleet's pending loop.
+    this.publishing(this.publish(first));
+    for (let i = CHUNK; i < ids.length; i += CHUNK) {
+      await new Promise((r) => setImmediate(r));
+      const part = ids.slice(i, i + CHUNK);
+      this.publishing(this.publish(this.store.transaction(() => chunk(part))));
+    }
+  }
+
+  private publishing(p: Promise<void>): void {
+    this.inflight.add(p);
+    void p.finally(() => this.inflight.delete(p));
   }
 
   /** Walks the registry to `to` through the transitions it allows; a version already past it is left alone. */

@@ -13,6 +13,7 @@ import {
 } from '../../proto/index.js';
 import type { Logger } from '../../common/log.js';
 import type { DesiredRow, FleetStore } from '../store/types.js';
+import { WriteBatcher } from '../store/batch.js';
 
 /** Shortest time between two unrequested full resyncs of one device. */
 export const RESYNC_MIN_INTERVAL_MS = 60_000;
@@ -34,13 +35,17 @@ export class DesiredStateService {
   /** When each device was last sent its whole document, to rate-limit repairs. */
   private readonly lastResync = new Map<string, number>();
   private readonly observers: ((row: DesiredRow) => void)[] = [];
+  /** Publication marks, one per message, are committed together. */
+  private readonly writes: WriteBatcher;
 
   constructor(
     private readonly store: FleetStore,
     private readonly publisher: Publisher,
     private readonly log: Logger,
     private readonly now: () => number = Date.now,
-  ) {}
+  ) {
+    this.writes = new WriteBatcher(store);
+  }
 
   /** Called with every new version of a device's document, once it is committed. */
   observe(fn: (row: DesiredRow) => void): void {
@@ -138,7 +143,7 @@ export class DesiredStateService {
       message = { kind: 'full', version: row.version, digest: row.digest, doc: row.doc };
     }
     await this.publisher.publish(topics.down(row.deviceId, 'desired'), encodeJson(message), { qos: 1, retain: true });
-    this.store.desired.markPublished(row.deviceId, row.version);
+    await this.writes.run(() => this.store.desired.markPublished(row.deviceId, row.version));
   }
 
   /** The whole document, for an agent whose version did not line up. */
@@ -155,7 +160,9 @@ export class DesiredStateService {
    * that missed it). At most once per `RESYNC_MIN_INTERVAL_MS` per device, so a device that reports
    * on connect, before it has read its retained message, costs one spare message at most.
    */
-  async resyncIfBehind(deviceId: string, reportedVersion: number): Promise<boolean> {
+  async resyncIfBehind(deviceId: string, reportedVersion: number, desiredVersion?: number | null): Promise<boolean> {
+    // The caller often read the version already (recordReported): most reports are not behind.
+    if (desiredVersion !== undefined && (desiredVersion === null || reportedVersion >= desiredVersion)) return false;
     const row = this.store.desired.get(deviceId);
     if (!row || reportedVersion >= row.version) return false;
     const last = this.lastResync.get(deviceId);
@@ -177,9 +184,9 @@ export class DesiredStateService {
   }
 
   /** Stores what the agent reports and the patch that would take it to desired state (its drift). */
-  recordReported(deviceId: string, msg: ReportedMessage): { inSync: boolean } {
+  recordReported(deviceId: string, msg: ReportedMessage): { inSync: boolean; desiredVersion: number | null } {
     const desired = this.store.desired.get(deviceId);
-    if (!desired) return { inSync: false };
+    if (!desired) return { inSync: false, desiredVersion: null };
     // Models compare by the version that serves: a device still on probation, or one that rolled
     // back a bad version, shows as drift until it serves what desired state names.
     const served = Object.fromEntries(Object.entries(msg.models).map(([name, r]) => [name, { version: r.active }]));
@@ -191,7 +198,7 @@ export class DesiredStateService {
     }
     const inSync = drift.length === 0 && msg.desiredVersion === desired.version;
     if (!inSync) this.log.debug({ deviceId, drift: drift.length, reportedVersion: msg.desiredVersion, desiredVersion: desired.version }, 'device not in sync');
-    return { inSync };
+    return { inSync, desiredVersion: desired.version };
   }
 
   /** Clears the retained document of a removed device so a new device of the same id starts clean. */

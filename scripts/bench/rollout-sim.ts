@@ -27,10 +27,23 @@ async function main(): Promise<void> {
     reportIntervalMs: 600_000,
     timing: { applyMs: [0, 0] },
   });
+  // When devices applied a desired state (epoch ms), for the parent's BENCH_TRACE timeline.
+  const applied: number[] = [];
+  sim.on('applied', () => {
+    if (applied.length < 1_000_000) applied.push(Date.now());
+  });
   const t0 = performance.now();
   await sim.start();
   process.send?.({ ready: true, connectS: (performance.now() - t0) / 1000, rssMb: Math.round(process.memoryUsage.rss() / 2 ** 20) });
-  process.on('message', (m: { stop?: boolean }) => {
+  process.on('message', (m: { stop?: boolean; cpu?: boolean; appliedSince?: number }) => {
+    if (m.appliedSince !== undefined) {
+      const since = m.appliedSince;
+      const buckets: Record<string, number> = {};
+      for (const t of applied) if (t >= since) buckets[String(Math.floor((t - since) / 250) * 250)] = (buckets[String(Math.floor((t - since) / 250) * 250)] ?? 0) + 1;
+      process.send?.({ buckets });
+    }
+    // CPU seconds used so far: the parent reads it around each measured window.
+    if (m.cpu) process.send?.({ cpuS: (process.cpuUsage().user + process.cpuUsage().system) / 1e6 });
     if (m.stop) {
       void sim
         .stop({ clearRetained: true })

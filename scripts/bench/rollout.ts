@@ -65,7 +65,7 @@ async function freePort(): Promise<number> {
 async function startMosquitto(dir: string): Promise<{ url: string; stop(): Promise<void> }> {
   const port = await freePort();
   const conf = join(dir, 'mosquitto.conf');
-  writeFileSync(conf, [`listener ${port} 127.0.0.1`, 'allow_anonymous true', 'persistence false', 'max_queued_messages 1000000', 'max_connections -1', ''].join('\n'));
+  writeFileSync(conf, [`listener ${port} 127.0.0.1`, 'allow_anonymous true', 'persistence false', 'max_queued_messages 1000000', 'max_inflight_messages 0', 'max_connections -1', ''].join('\n'));
   const child = spawn('mosquitto', ['-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr?.on('data', (d: Buffer) => (err += d.toString()));
@@ -164,11 +164,30 @@ function whenDone(fleet: FleetServer, done: (v: RolloutView) => boolean): { at(i
 async function waitCommitted(fleet: FleetServer, ids: readonly string[], version: number): Promise<void> {
   const deadline = performance.now() + WAVE_TIMEOUT_MS;
   for (;;) {
-    const left = ids.filter((id) => !fleet.fleetStore.reported.get(id)?.doc.models.iris?.history.includes(version)).length;
-    if (left === 0) return;
-    if (performance.now() > deadline) throw new Error(`${left} devices never committed iris@${version}`);
-    await new Promise((r) => setTimeout(r, 500));
+    // Stops at the first device not there yet: a poll costs little while most are not.
+    const behind = ids.find((id) => !fleet.fleetStore.reported.get(id)?.doc.models.iris?.history.includes(version));
+    if (behind === undefined) return;
+    if (performance.now() > deadline) throw new Error(`${behind} (at least) never committed iris@${version}`);
+    await new Promise((r) => setTimeout(r, 1000));
   }
+}
+
+/** BENCH_PROFILE=<dir>: a CPU profile of this process (the fleet) over each revert, for finding where the time goes. */
+async function startProfile(): Promise<{ stop(name: string): Promise<void> } | null> {
+  const dir = process.env.BENCH_PROFILE;
+  if (!dir) return null;
+  const { Session } = await import('node:inspector/promises');
+  const session = new Session();
+  session.connect();
+  await session.post('Profiler.enable');
+  await session.post('Profiler.start');
+  return {
+    async stop(name) {
+      const { profile } = await session.post('Profiler.stop');
+      writeFileSync(join(dir, `${name}.cpuprofile`), JSON.stringify(profile));
+      session.disconnect();
+    },
+  };
 }
 
 interface SizeResult {
@@ -178,13 +197,36 @@ interface SizeResult {
   revert_s: number;
   wave_vs_raw: number;
   revert_vs_raw: number;
+  /** CPU time over wall time of the fleet's and the simulator's process during the last raw round trip and the revert. */
+  cpu_share: { raw: { fleet: number; sim: number }; revert: { fleet: number; sim: number } };
 }
 
-async function measure(fleet: FleetServer, admin: OpsClient, url: string, ids: readonly string[], selector: Selector, versions: [number, number]): Promise<SizeResult> {
+/** CPU seconds of this process and of the simulator so far. */
+async function cpu(sim: ChildProcess): Promise<{ fleet: number; sim: number }> {
+  const own = process.cpuUsage();
+  const simS = await new Promise<number>((resolve) => {
+    sim.once('message', (m) => resolve((m as { cpuS: number }).cpuS));
+    sim.send({ cpu: true });
+  });
+  return { fleet: (own.user + own.system) / 1e6, sim: simS };
+}
+
+/** CPU seconds each side spent over a window, as a share of its wall time (1 = one core busy throughout). */
+function load(a: { fleet: number; sim: number }, b: { fleet: number; sim: number }, wallS: number): { fleet: number; sim: number } {
+  return { fleet: round((b.fleet - a.fleet) / wallS, 2), sim: round((b.sim - a.sim) / wallS, 2) };
+}
+
+async function measure(fleet: FleetServer, admin: OpsClient, sim: ChildProcess, url: string, ids: readonly string[], selector: Selector, versions: [number, number]): Promise<SizeResult> {
   const n = ids.length;
   const raws: number[] = [];
-  for (let i = 0; i < RAW_RUNS; i++) raws.push(await rawRoundTrip(url, ids));
+  let rawLoad = { fleet: 0, sim: 0 };
+  for (let i = 0; i < RAW_RUNS; i++) {
+    const c0 = await cpu(sim);
+    raws.push(await rawRoundTrip(url, ids));
+    rawLoad = load(c0, await cpu(sim), raws[raws.length - 1] as number);
+  }
   const raw = median(raws);
+  let revertLoad = { fleet: 0, sim: 0 };
 
   // A wave of every selected device, then one more that is aborted: every device goes back.
   const waves: number[] = [];
@@ -203,13 +245,29 @@ async function measure(fleet: FleetServer, admin: OpsClient, url: string, ids: r
     if (k === 0) await waitCommitted(fleet, ids, version);
     if (k === 1) {
       const reverted = whenDone(fleet, (v) => (v.status.revert?.reverted ?? 0) >= n);
+      const profile = await startProfile();
+      const c0 = await cpu(sim);
+      const epoch = Date.now();
       const t2 = performance.now();
+      const trace: string[] = [];
+      const offTrace = process.env.BENCH_TRACE ? fleet.rollouts.onStatus((v) => trace.push(`${Math.round(performance.now() - t2)}ms:${v.status.revert?.reverted ?? '-'}`)) : () => undefined;
       await admin.call('rollouts.abort', { id, reason: 'benchmark' });
       revert = ((await reverted.at(id)) - t2) / 1000;
+      revertLoad = load(c0, await cpu(sim), revert);
+      offTrace();
+      if (trace.length > 0) {
+        say(`    revert progress at the fleet (ms:devices): ${trace.join(' ')}`);
+        const buckets = await new Promise<Record<string, number>>((resolve) => {
+          sim.once('message', (m) => resolve((m as { buckets: Record<string, number> }).buckets));
+          sim.send({ appliedSince: epoch });
+        });
+        say(`    applied at the devices (ms bucket:devices): ${Object.entries(buckets).map(([k, v]) => `${k}:${v}`).join(' ')}`);
+      }
+      await profile?.stop(`revert-${n}`);
     }
   }
   const wave = median(waves);
-  return { devices: n, raw_roundtrip_s: round(raw), wave_s: round(wave), revert_s: round(revert), wave_vs_raw: round(wave / raw, 2), revert_vs_raw: round(revert / raw, 2) };
+  return { devices: n, raw_roundtrip_s: round(raw), wave_s: round(wave), revert_s: round(revert), wave_vs_raw: round(wave / raw, 2), revert_vs_raw: round(revert / raw, 2), cpu_share: { raw: rawLoad, revert: revertLoad } };
 }
 
 async function main(): Promise<void> {
@@ -263,15 +321,16 @@ async function main(): Promise<void> {
       const stats = await admin.call('fleet.stats', {});
       if (stats.inSync >= max) break;
       if (performance.now() - t > WAVE_TIMEOUT_MS) throw new Error(`only ${stats.inSync} of ${max} devices in sync`);
-      await new Promise((res) => setTimeout(res, 200));
+      await new Promise((res) => setTimeout(res, 1000));
     }
 
     const results: SizeResult[] = [];
     for (const [i, n] of sizes.entries()) {
       const selector: Selector = n === max ? { kind: 'all' } : { kind: 'tags', tags: [`first-${n}`] };
-      const res = await measure(fleet, admin, broker.url, ids.slice(0, n), selector, [2 + 2 * i, 3 + 2 * i]);
+      const res = await measure(fleet, admin, sim, broker.url, ids.slice(0, n), selector, [2 + 2 * i, 3 + 2 * i]);
       results.push(res);
       say(`  ${n} devices: wave ${res.wave_s} s (${res.wave_vs_raw}× raw), revert ${res.revert_s} s (${res.revert_vs_raw}× raw), raw round trip ${res.raw_roundtrip_s} s`);
+      say(`    CPU busy (share of one core): raw fleet ${res.cpu_share.raw.fleet} sim ${res.cpu_share.raw.sim}; revert fleet ${res.cpu_share.revert.fleet} sim ${res.cpu_share.revert.sim}`);
     }
     const top = results[results.length - 1] as SizeResult;
     const out = {
