@@ -17,8 +17,11 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import type * as Tfjs from '@tensorflow/tfjs';
 import { EXIT } from '../proto/index.js';
+import { mulberry32 } from '../common/random.js';
 import { loadTf } from '../agent/runtime/backends.js';
 import { disposeTfModel, saveLayersModelToDir } from '../agent/runtime/tfjs.js';
+
+export { mulberry32 };
 
 export const DIGIT_PIXELS = 784;
 export const DIGIT_CLASSES = 10;
@@ -30,17 +33,6 @@ export interface DigitSet {
   count: number;
 }
 
-/** A deterministic PRNG (mulberry32): the same seed gives the same data order on every machine. */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 let raw: number[][] | null = null;
 

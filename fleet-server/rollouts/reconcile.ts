@@ -12,10 +12,10 @@ import {
   type RolloutPlan,
   type RolloutStatus,
   type RolloutStep,
-  type Selector,
   type ServingMetrics,
   type WaveCounts,
 } from '../../proto/index.js';
+import type { RolloutRow } from '../store/types.js';
 
 /**
  * The rollout reconciler: a pure function of the rollout's spec, its last status and what the fleet
@@ -26,14 +26,8 @@ import {
  * lost action) is repaired by the next run.
  */
 
-export interface RolloutSpecData {
-  id: number;
-  name: string;
-  version: number;
-  manifestSha256: string;
-  selector: Selector;
-  plan: RolloutPlan;
-}
+/** What the reconciler needs of a rollout: its stored row without status and authorship. */
+export type RolloutSpecData = Pick<RolloutRow, 'id' | 'name' | 'version' | 'manifestSha256' | 'selector' | 'plan'>;
 
 export interface Member {
   /** 1-based index of the wave that enlisted it. */

