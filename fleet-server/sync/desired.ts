@@ -165,6 +165,9 @@ export class DesiredStateService {
     if (desiredVersion !== undefined && (desiredVersion === null || reportedVersion >= desiredVersion)) return false;
     const row = this.store.desired.get(deviceId);
     if (!row || reportedVersion >= row.version) return false;
+    // The document moved on since the report was stored: its new version is on its way to the
+    // device, which asks for the whole document itself if it cannot apply it.
+    if (desiredVersion !== undefined && row.version !== desiredVersion) return false;
     const last = this.lastResync.get(deviceId);
     if (last !== undefined && this.now() - last < RESYNC_MIN_INTERVAL_MS) return false;
     this.log.info({ deviceId, reportedVersion, desiredVersion: row.version }, 'device is behind; sending its whole desired state');
