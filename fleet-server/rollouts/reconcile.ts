@@ -264,9 +264,8 @@ function waveNumber(plan: RolloutPlan, step: number): number {
   return n;
 }
 
-function targetSlot(spec: RolloutSpecData, desired: ModelSlot | null): ModelSlot {
-  // A shadow setting belongs to the version it was set for; the rollout's version starts without.
-  void desired;
+/** The slot a rollout sets: its version and manifest. A shadow setting belonged to the version it was set for. */
+function targetSlot(spec: RolloutSpecData): ModelSlot {
   return { version: spec.version, manifestSha256: spec.manifestSha256 };
 }
 
@@ -351,7 +350,7 @@ export function reconcile(spec: RolloutSpecData, prev: RolloutStatus, obs: Obser
       const wave = waveNumber(spec.plan, s.step);
       const wanted = waveTarget(cur, selected.length);
       s.wanted = wanted;
-      const enlistedNow = enlist(spec, s, obs, selected, members.length, wanted, wave, actions);
+      const enlistedNow = enlist(spec, s, selected, members.length, wanted, wave, actions);
       const done = s.total.serving + s.total.failed;
       const memberCount = members.length + enlistedNow;
       if (enlistedNow === 0 && memberCount >= wanted && done >= memberCount) {
@@ -415,7 +414,6 @@ export function reconcile(spec: RolloutSpecData, prev: RolloutStatus, obs: Obser
 function enlist(
   spec: RolloutSpecData,
   s: RolloutStatus,
-  obs: Observations,
   selected: readonly DeviceObservation[],
   memberCount: number,
   wanted: number,
@@ -429,10 +427,9 @@ function enlist(
   for (const d of candidates.slice(0, need)) {
     // A device already told to run the version by hand keeps, as its way back, the last other version it committed.
     const previous = d.desired?.version === spec.version ? fromHistory(spec, d) : d.desired;
-    actions.push({ kind: 'enlist', deviceId: d.id, wave, slot: targetSlot(spec, d.desired), previous });
+    actions.push({ kind: 'enlist', deviceId: d.id, wave, slot: targetSlot(spec), previous });
     n++;
   }
-  void obs;
   s.wanted = wanted;
   return n;
 }
@@ -531,5 +528,3 @@ export function command(spec: RolloutSpecData, prev: RolloutStatus, cmd: Rollout
   return { status: next.status, actions: [...actions, ...next.actions] };
 }
 
-export type { Standing };
-export { standing, contradicts, cohort };
