@@ -64,6 +64,12 @@ export interface Observations {
   now: number;
   /** Every selected device, and every member whether still selected or not. */
   devices: readonly DeviceObservation[];
+  /**
+   * Contradicting reports received so far, counted as they arrive (the fleet's service does, with
+   * `contradicts`): a device's next honest report replaces a contradicting one before a reconcile
+   * may see it. Without it, the devices whose latest report contradicts are counted.
+   */
+  contradictions?: number;
 }
 
 export type RolloutAction =
@@ -113,7 +119,7 @@ type Standing = 'serving' | 'committed' | 'failed' | 'pending';
  * version from the future, or the target serving on a device whose desired state does not name it,
  * or serving bytes other than the signed target's. It is counted and then ignored.
  */
-function contradicts(spec: RolloutSpecData, d: DeviceObservation): boolean {
+export function contradicts(spec: RolloutSpecData, d: DeviceObservation): boolean {
   const r = d.report;
   if (!r) return false;
   if (r.desiredVersion > d.desiredVersion) return true;
@@ -279,7 +285,7 @@ export function reconcile(spec: RolloutSpecData, prev: RolloutStatus, obs: Obser
   for (const d of members) standings.set(d.id, standing(spec, d));
   const liars = new Set<string>();
   for (const d of obs.devices) if (contradicts(spec, d)) liars.add(d.id);
-  s.contradictions = liars.size;
+  s.contradictions = obs.contradictions ?? liars.size;
   const clean = (d: DeviceObservation): boolean => !liars.has(d.id);
 
   const waves = waveNumber(spec.plan, spec.plan.steps.length - 1);

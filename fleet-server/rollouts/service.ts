@@ -21,7 +21,7 @@ import type { Logger } from '../../common/log.js';
 import type { Registry } from '../registry/registry.js';
 import type { DesiredRow, FleetStore, RolloutRow } from '../store/types.js';
 import type { DesiredStateService } from '../sync/desired.js';
-import { command, initialStatus, isFinal, reconcile, type Decision, type DeviceObservation, type Member, type Observations, type RolloutSpecData } from './reconcile.js';
+import { command, contradicts, initialStatus, isFinal, reconcile, type Decision, type DeviceObservation, type Member, type Observations, type RolloutSpecData } from './reconcile.js';
 
 /** What the fleet knows of one device, kept in memory so a reconcile over ten thousand devices costs milliseconds. */
 interface DeviceView {
@@ -42,6 +42,10 @@ interface Tracked {
   ranks: Map<string, string>;
   /** Observations as last built, per device, with what they were built from. */
   seen: Map<string, { rev: number; member: Member | null; obs: DeviceObservation }>;
+  /** Contradicting reports received (persisted in the status). */
+  contradictions: number;
+  /** The selector as a predicate, built once. */
+  match: (d: { id: string; tags: readonly string[] }) => boolean;
   createdBy: string;
   createdAt: number;
 }
@@ -173,7 +177,18 @@ export class RolloutService {
     if (!d) return;
     d.report = { desiredVersion: msg.desiredVersion, models: msg.models };
     d.rev++;
-    if (this.tracked.size > 0) this.schedule();
+    if (this.tracked.size === 0) return;
+    // Judged as it arrives: the device's next report may replace it before a reconcile runs.
+    for (const t of this.tracked.values()) {
+      if (isFinal(t.status)) continue;
+      const member = t.members.get(d.id) ?? null;
+      const selected = t.match(d);
+      if ((selected || member) && contradicts(t.spec, this.observation(t, d, member, selected))) {
+        t.contradictions++;
+        this.log.warn({ rollout: t.spec.id, deviceId }, 'a report contradicts the fleet state; counted and ignored');
+      }
+    }
+    this.schedule();
   }
 
   private onDesired(row: DesiredRow): void {
@@ -319,6 +334,8 @@ export class RolloutService {
       members,
       ranks: new Map(),
       seen: new Map(),
+      contradictions: row.status.contradictions,
+      match: matcher(row.selector),
       createdBy: row.createdBy,
       createdAt: row.createdAt,
     };
@@ -331,7 +348,7 @@ export class RolloutService {
     if (!row) throw new EdgefleetError('EF_UNKNOWN_ROLLOUT', `no rollout ${id}`);
     const members = new Map<string, Member>();
     for (const m of this.store.rollouts.members(row.id)) members.set(m.deviceId, { wave: m.wave, previous: m.previous, enlistedAt: m.enlistedAt });
-    return { spec: { id: row.id, name: row.name, version: row.version, manifestSha256: row.manifestSha256, selector: row.selector, plan: row.plan }, status: row.status, members, ranks: new Map(), seen: new Map(), createdBy: row.createdBy, createdAt: row.createdAt };
+    return { spec: { id: row.id, name: row.name, version: row.version, manifestSha256: row.manifestSha256, selector: row.selector, plan: row.plan }, status: row.status, members, ranks: new Map(), seen: new Map(), contradictions: row.status.contradictions, match: matcher(row.selector), createdBy: row.createdBy, createdAt: row.createdAt };
   }
 
   private schedule(): void {
@@ -373,40 +390,41 @@ export class RolloutService {
   }
 
   private observe(t: Tracked): Observations {
-    const match = matcher(t.spec.selector);
-    const name = t.spec.name;
+    const match = t.match;
     const devices: DeviceObservation[] = [];
     for (const d of this.devices.values()) {
       const member = t.members.get(d.id) ?? null;
       const selected = match(d);
       if (!selected && !member) continue;
-      const cached = t.seen.get(d.id);
-      if (cached && cached.rev === d.rev && cached.member === member && cached.obs.selected === selected) {
-        devices.push(cached.obs);
-        continue;
-      }
-      let rank = t.ranks.get(d.id);
-      if (rank === undefined) {
-        rank = createHash('sha256').update(`${t.spec.id}:${d.id}`).digest('hex').slice(0, 16);
-        t.ranks.set(d.id, rank);
-      }
-      const m = d.report?.models[name];
-      const obs: DeviceObservation = {
-        id: d.id,
-        rank,
-        selected,
-        safeMode: d.doc.safeMode === true,
-        desiredVersion: d.desiredVersion,
-        desired: d.doc.models[name] ?? null,
-        member,
-        report: d.report
-          ? { desiredVersion: d.report.desiredVersion, model: m ? { active: m.active, activeSha256: m.activeSha256, history: m.history, failed: m.failed, metrics: m.metrics ?? null } : null }
-          : null,
-      };
-      t.seen.set(d.id, { rev: d.rev, member, obs });
-      devices.push(obs);
+      devices.push(this.observation(t, d, member, selected));
     }
-    return { now: this.now(), devices };
+    return { now: this.now(), devices, contradictions: t.contradictions };
+  }
+
+  /** One device as the reconciler sees it, rebuilt only when the device or its membership changed. */
+  private observation(t: Tracked, d: DeviceView, member: Member | null, selected: boolean): DeviceObservation {
+    const cached = t.seen.get(d.id);
+    if (cached && cached.rev === d.rev && cached.member === member && cached.obs.selected === selected) return cached.obs;
+    let rank = t.ranks.get(d.id);
+    if (rank === undefined) {
+      rank = createHash('sha256').update(`${t.spec.id}:${d.id}`).digest('hex').slice(0, 16);
+      t.ranks.set(d.id, rank);
+    }
+    const m = d.report?.models[t.spec.name];
+    const obs: DeviceObservation = {
+      id: d.id,
+      rank,
+      selected,
+      safeMode: d.doc.safeMode === true,
+      desiredVersion: d.desiredVersion,
+      desired: d.doc.models[t.spec.name] ?? null,
+      member,
+      report: d.report
+        ? { desiredVersion: d.report.desiredVersion, model: m ? { active: m.active, activeSha256: m.activeSha256, history: m.history, failed: m.failed, metrics: m.metrics ?? null } : null }
+        : null,
+    };
+    t.seen.set(d.id, { rev: d.rev, member, obs });
+    return obs;
   }
 
   /** Carries out a decision: desired-state changes, members and status in one transaction, then publication. */

@@ -16,7 +16,8 @@ describe('outbox under SIGKILL and fleet restarts', () => {
     }
     expect(result.missing, `seed ${seed}`).toEqual([]);
     expect(result.kills).toBeGreaterThan(0);
-    expect(result.committed).toBeGreaterThan(1000);
+    // The loop did real work (how much depends on the machine's load: it is not a speed figure).
+    expect(result.committed).toBeGreaterThan(100);
     expect(result.stored).toBeGreaterThanOrEqual(result.committed);
     expect(result.duplicatesDropped, `seed ${seed}`).toBeGreaterThan(0);
   }, 180_000);
