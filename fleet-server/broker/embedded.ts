@@ -95,6 +95,11 @@ export class EmbeddedBroker {
       authorizeSubscribe: (client, sub, done) => this.authorizeSubscribe(client, sub, done),
       // Keep the broker's heartbeat off the wire; nobody here listens to $SYS.
       heartbeatInterval: 3_600_000,
+      // Publications matched in parallel. At the default (100) a burst from a thousand devices
+      // (or a delivery that never calls back) fills every slot and the broker stops routing
+      // anything, operator requests included, for good (moscajs/aedes#553, #666): seen here with
+      // 1,000 simulated devices on a loaded machine. Memory per slot is one message.
+      concurrency: 10_000,
     });
     this.aedes = aedes;
     aedes.on('clientError', (client, err) => this.log.debug({ clientId: client.id, err: err.message }, 'client error'));
