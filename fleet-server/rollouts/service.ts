@@ -4,6 +4,7 @@ import {
   MODEL_STATUSES,
   RolloutPlan,
   canonicalJson,
+  defaultDesiredDoc,
   defaultPlan,
   modelRef,
   type DesiredDoc,
@@ -122,7 +123,7 @@ export class RolloutService {
         rev: 0,
         tags: d.tags,
         desiredVersion: desired?.version ?? 0,
-        doc: desired?.doc ?? { agent: { logLevel: 'info', reportIntervalSec: 300, factsIntervalSec: 3600 }, models: {} },
+        doc: desired?.doc ?? defaultDesiredDoc(),
         report: reported ? { desiredVersion: reported.doc.desiredVersion, models: reported.doc.models } : null,
       });
     }

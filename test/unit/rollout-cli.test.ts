@@ -7,12 +7,12 @@ import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
 import { EXIT, ID_PATTERN, RolloutView, defaultPlan, type RolloutStatus } from '../../proto/index.js';
 import { formatSelector, parsePlan, parseSelector } from '../../scripts/cli/rollout.js';
+import { initialStatus } from '../../fleet-server/rollouts/reconcile.js';
 import { BAR_WIDTH, WATCH_EXIT, planSummary, progressBar, renderStatus, renderWatch, watchRollout, type WatchIo } from '../../scripts/cli/rollout-view.js';
 
 const NOW = Date.UTC(2025, 0, 1, 12);
 
 function view(status: Partial<RolloutStatus> = {}): RolloutView {
-  const counts = { members: 0, serving: 0, committed: 0, failed: 0, pending: 0 };
   return RolloutView.parse({
     id: 7,
     name: 'iris',
@@ -22,27 +22,7 @@ function view(status: Partial<RolloutStatus> = {}): RolloutView {
     plan: defaultPlan(),
     createdBy: 'admin',
     createdAt: NOW - 600_000,
-    status: {
-      state: 'running',
-      step: 0,
-      stepStartedAt: NOW - 30_000,
-      reason: null,
-      selected: 200,
-      wanted: 1,
-      waves: [],
-      total: counts,
-      gates: [],
-      verdict: null,
-      candidate: null,
-      stable: null,
-      baseline: null,
-      contradictions: 0,
-      heldBy: null,
-      revert: null,
-      finishedAt: null,
-      updatedAt: NOW,
-      ...status,
-    },
+    status: { ...initialStatus(NOW - 30_000), selected: 200, wanted: 1, updatedAt: NOW, ...status },
   });
 }
 
