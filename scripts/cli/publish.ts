@@ -179,7 +179,8 @@ export function histogram(values: Iterable<number>, range?: { lo: number; hi: nu
   if (!range) for (const v of finite) [lo, hi] = [Math.min(lo, v), Math.max(hi, v)];
   if (!(hi > lo)) {
     const pad = Math.max(0.5, Math.abs(lo) * 1e-6);
-    [lo, hi] = [lo - pad, hi + pad];
+    // Clamped: a value at the end of the doubles padded outward would be infinite.
+    [lo, hi] = [Math.max(-Number.MAX_VALUE, lo - pad), Math.min(Number.MAX_VALUE, hi + pad)];
   }
   // Divided before subtracting, so that a range as wide as the doubles does not overflow.
   const width = hi / BASELINE_BINS - lo / BASELINE_BINS;

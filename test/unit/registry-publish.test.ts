@@ -45,6 +45,14 @@ function counting(): PublishRuntime & { loads: number } {
 }
 
 describe('histogram', () => {
+  it('keeps finite, increasing edges for a lone value at either end of the doubles (found by the property below)', () => {
+    for (const v of [-Number.MAX_VALUE, Number.MAX_VALUE]) {
+      const h = histogram([v]);
+      expect(h?.edges.every(Number.isFinite)).toBe(true);
+      for (let i = 1; i < 11; i++) expect((h?.edges[i] as number) > (h?.edges[i - 1] as number)).toBe(true);
+    }
+  });
+
   it('has one more edge than bins, increasing edges, and probabilities that sum to 1', () => {
     fc.assert(
       fc.property(fc.array(fc.oneof(fc.double(), fc.double({ min: -10, max: 10 })), { maxLength: 200 }), fc.option(fc.constant({ lo: 0, hi: 1 }), { nil: undefined }), (values, range) => {
