@@ -47,6 +47,11 @@ export const ERRORS = {
   EF_UNKNOWN_ROLLOUT: 'no such rollout',
   EF_ROLLOUT_CONFLICT: 'the rollout cannot do that now (its state, or another rollout of the model)',
   EF_SAFE_MODE: 'safe mode is on for these devices: rollouts wait until it is off',
+  EF_BUNDLE_INVALID: 'the tensor bundle is malformed (magic, version, header, lengths, checksum or values)',
+  EF_BUNDLE_TOO_LARGE: 'the tensor bundle exceeds a size cap (bytes, tensors or elements)',
+  EF_TRAINING_FAILED: 'local training could not run or did not finish',
+  EF_UNKNOWN_ROUND: 'no such federated round',
+  EF_ROUND_CONFLICT: 'the round cannot do that now (its state, or another round of the model)',
 } as const;
 
 export type ErrorCode = keyof typeof ERRORS;
@@ -87,6 +92,8 @@ export const EXIT = {
   CLI_NO_CREDENTIALS: 17,
   /** `rollout watch`: the rollout it watched was halted or aborted. */
   CLI_ROLLOUT_FAILED: 18,
+  /** `fl watch` (and `fl start`): the round ended failed or aborted. */
+  CLI_ROUND_FAILED: 19,
   AGENT_CONFIG_INVALID: 30,
   AGENT_STATE_DIR: 31,
   AGENT_FATAL: 32,

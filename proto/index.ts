@@ -9,3 +9,5 @@ export * from './telemetry.js';
 export * from './model.js';
 export { DeltaOffer } from './delta.js';
 export * from './rollout.js';
+export * from './fl.js';
+export * from './bundle.js';

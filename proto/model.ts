@@ -140,6 +140,32 @@ export const Lineage = z
   .strict();
 export type Lineage = z.infer<typeof Lineage>;
 
+/**
+ * How a device may train the model for a federated round (tfjs-layers models only). Absent: the
+ * model is not trainable on devices.
+ */
+export const TrainingSpec = z
+  .object({
+    /** The input training feeds and the output the loss reads; default the first of each. */
+    input: z.string().min(1).max(256).optional(),
+    output: z.string().min(1).max(256).optional(),
+    /**
+     * `sparse-categorical-crossentropy`: a label is a class index, the output per-class
+     * probabilities (`outputKind` probabilities, after softmax) or logits. `mean-squared-error`: a
+     * label is a vector of the output's width.
+     */
+    loss: z.enum(['sparse-categorical-crossentropy', 'mean-squared-error']),
+    outputKind: z.enum(['probabilities', 'logits']).default('probabilities'),
+    /**
+     * Layers whose weights never leave the device (personalization, as in FedPer, Arivazhagan et
+     * al. 2019). They train locally, are left out of every update, and are carried over onto the
+     * next global version when its shapes match.
+     */
+    personalLayers: z.array(z.string().min(1).max(256)).max(256).default([]),
+  })
+  .strict();
+export type TrainingSpec = z.infer<typeof TrainingSpec>;
+
 export const Manifest = z
   .object({
     schema: z.literal(1),
@@ -155,6 +181,7 @@ export const Manifest = z
     health: HealthPolicy.prefault({}),
     baseline: Baseline.prefault({}),
     lineage: Lineage.prefault({}),
+    training: TrainingSpec.optional(),
     createdAt: z.number().int().min(0),
     /** After this instant (ms since the epoch) no device activates the version; null: never expires. */
     expiresAt: z.number().int().min(0).nullable(),
@@ -166,6 +193,12 @@ export const Manifest = z
     if (!paths.has(m.entry)) ctx.addIssue({ code: 'custom', path: ['entry'], message: 'entry must be one of the files' });
     for (const [side, specs] of [['inputs', m.inputs], ['outputs', m.outputs]] as const) {
       if (new Set(specs.map((s) => s.name)).size !== specs.length) ctx.addIssue({ code: 'custom', path: [side], message: 'tensor names must be unique' });
+    }
+    if (m.training) {
+      if (m.runtime !== 'tfjs-layers') ctx.addIssue({ code: 'custom', path: ['training'], message: 'only tfjs-layers models train on devices' });
+      const { input, output } = m.training;
+      if (input !== undefined && !m.inputs.some((s) => s.name === input)) ctx.addIssue({ code: 'custom', path: ['training', 'input'], message: `no input named ${input}` });
+      if (output !== undefined && !m.outputs.some((s) => s.name === output)) ctx.addIssue({ code: 'custom', path: ['training', 'output'], message: `no output named ${output}` });
     }
   });
 export type Manifest = z.infer<typeof Manifest>;
@@ -254,6 +287,8 @@ export const ModelSlotReport = z
     transfer: ModelTransfer.nullable().optional(),
     /** Figures of the version serving now. */
     metrics: ServingMetrics.nullable().optional(),
+    /** Labelled samples the device holds for federated learning (the count only: samples never leave it). */
+    samples: z.number().int().nonnegative().optional(),
   })
   .strict();
 export type ModelSlotReport = z.infer<typeof ModelSlotReport>;

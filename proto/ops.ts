@@ -6,6 +6,7 @@ import { ID_PATTERN } from './topics.js';
 import { Backlog, RECORD_CLASSES } from './telemetry.js';
 import { RolloutPlan, RolloutView, SafeModeRecord, Selector, Tag, MAX_TAGS_PER_DEVICE } from './rollout.js';
 import { KeyEndorsement, MODEL_RUNTIMES, MODEL_STATUSES, Manifest, ModelName, ModelSlot, ModelVersion, Sha256, SignedManifest } from './model.js';
+import { RoundConfig, RoundView } from './fl.js';
 
 /** Operator roles, least to most privileged. A method names the least role that may call it. */
 export const ROLES = ['viewer', 'operator', 'admin'] as const;
@@ -141,6 +142,11 @@ const FleetPublicKey = z.object({ keyId: z.string(), publicKey: z.string(), crea
  * Every operator method: its parameters, its result, and the least role allowed to call it.
  * The fleet validates params with these schemas; the CLI validates results with them.
  */
+export const FlSchedule = z
+  .object({ id: z.number().int(), config: RoundConfig, everySec: z.number().int(), nextAt: z.number(), createdBy: z.string(), createdAt: z.number() })
+  .strict();
+export type FlSchedule = z.infer<typeof FlSchedule>;
+
 export const METHODS = {
   'devices.list': { role: 'viewer', params: z.object({}).strict(), result: z.object({ devices: z.array(DeviceSummary) }) },
   'devices.show': { role: 'viewer', params: z.object({ deviceId: Id }).strict(), result: DeviceDetail },
@@ -325,6 +331,31 @@ export const METHODS = {
       converged: z.number(),
     }),
   },
+  'fl.start': {
+    role: 'operator',
+    /**
+     * Starts a federated round now (RoundConfig; see Federated learning). A round that cannot reach
+     * its quorum (too few eligible devices) is recorded as failed with the reason and returned; a
+     * model with an unfinished round: EF_ROUND_CONFLICT.
+     */
+    params: z.object({ config: z.unknown() }).strict(),
+    result: RoundView,
+  },
+  'fl.list': {
+    role: 'viewer',
+    params: z.object({ model: ModelName.optional(), active: z.boolean().optional(), limit: z.number().int().min(1).max(1000).default(50) }).strict(),
+    result: z.object({ rounds: z.array(RoundView) }),
+  },
+  'fl.show': { role: 'viewer', params: z.object({ id: z.number().int().min(1) }).strict(), result: RoundView },
+  'fl.abort': { role: 'operator', params: z.object({ id: z.number().int().min(1) }).strict(), result: RoundView },
+  'fl.schedule': {
+    role: 'operator',
+    /** Starts a round with `config` every `everySec` seconds (at least 60), the first at once; a round still running skips its turn. */
+    params: z.object({ config: z.unknown(), everySec: z.number().int().min(60) }).strict(),
+    result: FlSchedule,
+  },
+  'fl.schedules': { role: 'viewer', params: z.object({}).strict(), result: z.object({ schedules: z.array(FlSchedule) }) },
+  'fl.unschedule': { role: 'operator', params: z.object({ id: z.number().int().min(1) }).strict(), result: z.object({ removed: z.boolean() }) },
 } as const satisfies Record<string, { role: Role; params: z.ZodType; result: z.ZodType }>;
 
 export type Method = keyof typeof METHODS;

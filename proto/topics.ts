@@ -13,11 +13,11 @@
 export const TOPIC_ROOT = 'edgefleet/v1';
 
 /** Device upstream kinds. */
-export const UP_KINDS = ['status', 'facts', 'reported', 'resync', 'telemetry'] as const;
+export const UP_KINDS = ['status', 'facts', 'reported', 'resync', 'telemetry', 'fl', 'update'] as const;
 export type UpKind = (typeof UP_KINDS)[number];
 
 /** Device downstream kinds. */
-export const DOWN_KINDS = ['desired', 'ack'] as const;
+export const DOWN_KINDS = ['desired', 'ack', 'fl', 'candidate'] as const;
 export type DownKind = (typeof DOWN_KINDS)[number];
 
 /**
