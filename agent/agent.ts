@@ -3,7 +3,6 @@ import { loadavg } from 'node:os';
 import {
   DesiredMessage,
   MAX_PAYLOAD_BYTES,
-  RECORD_CLASSES,
   TelemetryAck,
   type RecordClass,
   decodeJson,
@@ -28,6 +27,9 @@ import { SessionCounter } from './state/session-counter.js';
 import { OutboxStore } from './outbox/store.js';
 import { DEFAULT_REPLAY, Replayer } from './outbox/replay.js';
 import { ModelManager } from './models/manager.js';
+import { createParticipant, type Participant } from './learner/participant.js';
+import type { LoadSamplesOptions } from './learner/sample-store.js';
+import { outboxHousekeeping } from './outbox/housekeeping.js';
 import { FeedbackStore } from './api/feedback.js';
 import { startInferenceServer, type InferenceServer } from './api/http.js';
 
@@ -51,6 +53,7 @@ export class Agent {
   private applied: AgentSettings | null = null;
   private modelManager: ModelManager | null = null;
   private feedbackStore: FeedbackStore | null = null;
+  private participant: Participant | null = null;
   private api: InferenceServer | null = null;
   private reportSoon: NodeJS.Timeout | null = null;
   private readonly rejects: RejectCounter;
@@ -187,6 +190,8 @@ export class Agent {
       this.log.warn({ err }, 'error while closing the inference API');
     }
     this.api = null;
+    await this.participant?.stop();
+    this.participant = null;
     await this.modelManager?.stop();
     this.modelManager = null;
     this.feedbackStore?.close();
@@ -257,22 +262,8 @@ export class Agent {
 
   /** Expires records past their age, and says what was dropped since the last report. */
   private housekeeping(): void {
-    const outbox = this.outboxStore;
-    if (!outbox) return;
-    try {
-      outbox.expire();
-      const now = outbox.droppedCounts();
-      const prev = this.droppedReported ?? now;
-      const since: Partial<Record<RecordClass, number>> = {};
-      for (const c of RECORD_CLASSES) if (now[c] > prev[c]) since[c] = now[c] - prev[c];
-      if (Object.keys(since).length > 0) {
-        this.droppedReported = now;
-        this.log.warn({ dropped: since }, 'outbox over its bounds; oldest records of the lowest priority dropped');
-        this.track(outbox.enqueue('event', 'outbox.dropped', { since, total: now }));
-      }
-    } catch (err) {
-      this.log.error({ err }, 'outbox housekeeping failed');
-    }
+    if (!this.outboxStore) return;
+    this.droppedReported = outboxHousekeeping(this.outboxStore, this.droppedReported, this.log, (p) => this.track(p));
   }
 
   private async reportResources(): Promise<void> {
@@ -297,10 +288,8 @@ export class Agent {
       this.rejects.reject('EF_BAD_PAYLOAD', topic.slice(0, 128), { reason: 'unexpected topic' });
       return;
     }
-    if (t.kind === 'ack') {
-      this.onAck(payload);
-      return;
-    }
+    if (t.kind === 'ack') return this.onAck(payload);
+    if (t.kind === 'fl' || t.kind === 'candidate') return this.participant?.handle(t.kind, payload);
     // An empty retained message means the fleet cleared it; there is nothing to apply.
     if (payload.length === 0) return;
     const decoded = decodeJson(DesiredMessage, payload, MAX_PAYLOAD_BYTES.desired);
@@ -336,7 +325,8 @@ export class Agent {
     const m = cfg.models;
     const keys = [...m.trustedKeys];
     if (m.trustedKeysFile) keys.push(...readFileSync(m.trustedKeysFile, 'utf8').split(/\s+/).filter((k) => k.length > 0));
-    const feedback = FeedbackStore.open(cfg.stateDir, { recentPerModel: cfg.feedback.recentRequests, maxLabelsPerModel: cfg.feedback.maxLabelsPerModel });
+    const { recentRequests, ...bounds } = cfg.feedback;
+    const feedback = FeedbackStore.open(cfg.stateDir, { recentPerModel: recentRequests, ...bounds });
     this.feedbackStore = feedback;
     const manager = new ModelManager({
       stateDir: cfg.stateDir,
@@ -355,6 +345,14 @@ export class Agent {
     });
     this.modelManager = manager;
     await manager.start();
+    if (cfg.learner.enabled) {
+      const publish = async (kind: 'fl' | 'update', payload: Buffer): Promise<void> => {
+        if (!this.session) throw new Error('no link');
+        await this.session.publish(topics.up(cfg.deviceId, kind), payload, { qos: 1 });
+      };
+      const samples = { count: (m: string) => feedback.sampleCount(m), load: (m: string, o: LoadSamplesOptions) => feedback.loadSamples(m, o) };
+      this.participant = createParticipant({ manager, samples, config: cfg.learner, publish, log: this.log.child({ component: 'learner' }) });
+    }
     if (cfg.api.enabled) {
       this.api = await startInferenceServer(manager, { host: cfg.api.host, port: cfg.api.port, socketPath: cfg.api.socketPath, maxBodyBytes: cfg.api.maxBodyBytes, log: this.log.child({ component: 'api' }) });
     }

@@ -94,6 +94,23 @@ export const AgentConfig = z
       .object({
         recentRequests: z.number().int().min(1).default(10_000).describe('request ids remembered per model for feedback'),
         maxLabelsPerModel: z.number().int().min(1).default(10_000).describe('labels kept per model (oldest dropped)'),
+        maxSamplesPerModel: z.number().int().min(1).default(10_000).describe('labelled samples kept per model for local training (oldest dropped); they never leave the device'),
+        maxSampleAgeSec: z.number().int().min(60).default(30 * DAY).describe('labelled samples older than this are deleted'),
+        recentInputBytes: z
+          .number()
+          .int()
+          .min(0)
+          .default(16 * MiB)
+          .describe('memory per model for the inputs of recent requests, so that a label can make them a sample (oldest dropped first; 0: none)'),
+      })
+      .prefault({}),
+    learner: z
+      .object({
+        enabled: z.boolean().default(true).describe('take part in the federated rounds the fleet invites this device to'),
+        maxCpuLoad: z.number().min(0).max(1).default(0.8).describe('training stops when the cores are busier than this with other work (share of all cores)'),
+        maxTemperatureC: z.number().default(80).describe('training stops above this CPU temperature, where the board has a sensor'),
+        minBatteryPercent: z.number().min(0).max(100).default(30).describe('training stops below this battery charge while not charging, where there is a battery'),
+        gateIntervalSec: z.number().min(0.1).default(5).describe('how often the resource gates are read while training'),
       })
       .prefault({}),
     shutdownTimeoutSec: z.number().min(1).default(10).describe('longest a graceful stop may take before the agent exits anyway'),

@@ -1,6 +1,7 @@
 import { EdgefleetError, type Dtype, type Manifest } from '../../proto/index.js';
+import { trainingFeatureShape } from '../learner/sample-store.js';
 import type { InferResult, ModelHost } from '../models/host.js';
-import { tensorFromJson } from '../runtime/tensor.js';
+import { isDataOf, tensorFromJson } from '../runtime/tensor.js';
 import type { Tensor, TensorData, TensorMap } from '../runtime/types.js';
 
 /**
@@ -56,6 +57,34 @@ export class InferenceClient {
   /** Labels an earlier request; false when its id is not known (too old, or never seen). */
   feedback(name: string, requestId: string, label: unknown): boolean {
     return this.host.feedback(name, requestId, label);
+  }
+
+  /**
+   * Stores a labelled sample for local training, beside those labelled requests make; returns its
+   * id. The input is shaped as one request of one row, `[1, ...features]`, numeric (int64 and bool
+   * are refused) and stored as float32; when the serving version trains, its row must fit that
+   * version's training input. Labels: a class index (or `{"class": n}`) or finite numbers.
+   * EF_INFER_INVALID for the input, EF_BAD_PAYLOAD for the label, EF_UNKNOWN_MODEL; nothing is
+   * stored when it throws. Samples never leave the device.
+   */
+  addSample(name: string, input: InputTensor | Tensor, label: unknown): number {
+    if (!this.host.addSample) throw new EdgefleetError('EF_INTERNAL', 'this host keeps no samples');
+    const bad = (message: string): EdgefleetError => new EdgefleetError('EF_INFER_INVALID', `input: ${message}`, { details: { field: 'input' } });
+    if (typeof input !== 'object' || input === null) throw bad('not a tensor');
+    // The dtype only says how to read plain numbers here: everything is stored as float32.
+    const dtype = input.dtype ?? impliedDtype(input.data) ?? (input.data instanceof Uint8Array ? 'uint8' : 'float32');
+    const t = Array.isArray(input.data) ? tensorFromJson(dtype, { shape: input.shape, data: input.data }, 'input') : input;
+    if (dtype === 'int64' || dtype === 'bool' || !isDataOf(dtype, t.data)) throw bad(`a sample is float or integer data of its dtype, not ${dtype}`);
+    if (!Array.isArray(t.shape) || t.shape[0] !== 1) throw bad('a sample is one row: shape [1, ...features]');
+    const featureShape = t.shape.slice(1);
+    const manifest = this.host.active(name);
+    const want = manifest && trainingFeatureShape(manifest);
+    if (want && !(want.length === featureShape.length && want.every((d, i) => d === -1 || d === featureShape[i]))) {
+      throw bad(`the row shape is [${featureShape.join(',')}]; ${name} trains on [${want.join(',')}] (-1: any size)`);
+    }
+    // Float32 data is not copied: it is written to the store before this returns.
+    const data = t.data instanceof Float32Array ? t.data : new Float32Array(t.data as Exclude<TensorData, BigInt64Array>);
+    return this.host.addSample(name, data, featureShape, label);
   }
 
   private toTensors(name: string, inputs: InferInputs): TensorMap {

@@ -1,4 +1,5 @@
 import type { RecordClass } from '../../proto/index.js';
+import type { SampleInput } from '../learner/sample-store.js';
 import type { Logger } from '../../common/log.js';
 import type { FetchAuth } from './fetch.js';
 import type { Slot } from './slot.js';
@@ -21,7 +22,12 @@ export interface ModelManagerOptions {
   report: (cls: RecordClass, type: string, body: unknown) => void;
   onChange: () => void;
   log: Logger;
-  feedback?: { record(requestId: string, model: string, version: number): void; label(model: string, requestId: string, label: unknown): boolean };
+  feedback?: {
+    record(requestId: string, model: string, version: number, input?: SampleInput): void;
+    label(model: string, requestId: string, label: unknown): boolean;
+    addSample(model: string, input: Float32Array, featureShape: number[], label: unknown): number;
+    sampleCount(model: string): number;
+  };
 }
 
 /**

@@ -25,4 +25,9 @@ export interface ModelHost {
   infer(name: string, inputs: TensorMap, opts?: { requestId?: string; version?: number }): Promise<InferResult>;
   /** Records a label for an earlier request id; false when the id is not known (too old, or never seen). */
   feedback(name: string, requestId: string, label: unknown): boolean;
+  /**
+   * Stores a labelled sample for local training; returns its id. `featureShape` is one row's shape
+   * (no batch dimension). Optional: a host without a sample store (a test host) leaves it out.
+   */
+  addSample?(name: string, input: Float32Array, featureShape: number[], label: unknown): number;
 }

@@ -8,6 +8,7 @@ import {
   type ModelSlot,
   type ModelSlotReport,
 } from '../../proto/index.js';
+import { trainingInput } from '../learner/sample-store.js';
 import { validateInputs } from '../runtime/tensor.js';
 import type { TensorMap } from '../runtime/types.js';
 import type { InferResult, ModelHost } from './host.js';
@@ -34,6 +35,9 @@ export type { ModelManagerOptions } from './context.js';
  * (download, verify, stage), shadow.ts, probation.ts (activation, verdict, commit, watch) and
  * switch.ts (rollback, fleet revert, local rollback, safe mode).
  */
+/** Sample counts reach the fleet at most this often. */
+const SAMPLES_REPORT_MS = 5000;
+
 export class ModelManager implements ModelHost {
   private readonly store: ModelStore;
   private readonly slots = new Map<string, Slot>();
@@ -44,6 +48,7 @@ export class ModelManager implements ModelHost {
   private checkTimer: NodeJS.Timeout | null = null;
   private verified = false;
   private closed = false;
+  private samplesTimer: NodeJS.Timeout | null = null;
   /** Desired state says safe mode: slots serve their fallbacks and nothing new is fetched or tried. */
   private safeMode = false;
 
@@ -76,6 +81,7 @@ export class ModelManager implements ModelHost {
 
   async stop(): Promise<void> {
     this.closed = true;
+    if (this.samplesTimer) clearTimeout(this.samplesTimer);
     if (this.checkTimer) clearInterval(this.checkTimer);
     for (const slot of this.slots.values()) slot.abort?.abort();
     await Promise.allSettled([...this.slots.values()].map((s) => s.busy ?? Promise.resolve()));
@@ -133,12 +139,42 @@ export class ModelManager implements ModelHost {
     else run.stats.observe(ms, outputs);
     if (slot.shadow && run === slot.serving) shadowRun(this.ctx, slot, inputs, outputs);
     afterRequest(this.ctx, slot, run);
-    this.opts.feedback?.record(requestId, name, run.version);
+    this.opts.feedback?.record(requestId, name, run.version, trainingInput(run.signed.manifest, inputs));
     return { requestId, model: name, version: run.version, outputs };
   }
 
   feedback(name: string, requestId: string, label: unknown): boolean {
-    return this.opts.feedback?.label(name, requestId, label) ?? false;
+    const ok = this.opts.feedback?.label(name, requestId, label) ?? false;
+    if (ok) this.samplesChanged();
+    return ok;
+  }
+
+  addSample(name: string, input: Float32Array, featureShape: number[], label: unknown): number {
+    if (!this.slots.has(name)) throw new EdgefleetError('EF_UNKNOWN_MODEL', `no model named ${name} on this device`);
+    if (!this.opts.feedback) throw new EdgefleetError('EF_INTERNAL', 'this agent keeps no samples');
+    const seq = this.opts.feedback.addSample(name, input, featureShape, label);
+    this.samplesChanged();
+    return seq;
+  }
+
+  /**
+   * The fleet picks round participants by their sample counts, which change with every label: one
+   * report at most every SAMPLES_REPORT_MS carries them, not one per label.
+   */
+  private samplesChanged(): void {
+    if (this.samplesTimer || this.closed) return;
+    this.samplesTimer = setTimeout(() => {
+      this.samplesTimer = null;
+      this.opts.onChange?.();
+    }, SAMPLES_REPORT_MS);
+    this.samplesTimer.unref();
+  }
+
+  /** The version serving `name` as local training needs it: manifest, its signed sha256, its files. */
+  trainingBase(name: string): { manifest: Manifest; manifestSha256: string; dir: string } | null {
+    const run = this.slots.get(name)?.serving;
+    if (!run) return null;
+    return { manifest: run.signed.manifest, manifestSha256: manifestSha256(run.signed), dir: this.store.viewDir(name, run.version) };
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -216,6 +252,7 @@ export class ModelManager implements ModelHost {
         lastVerdict: s.lastVerdict,
         transfer: s.transfer,
         metrics: slot.serving ? servingMetrics(slot.serving) : null,
+        ...(this.opts.feedback ? { samples: this.opts.feedback.sampleCount(name) } : {}),
       };
     }
     return out;

@@ -146,7 +146,7 @@ export async function addDevice(fleet: FleetHandle, deviceId: string): Promise<C
 
 export async function startAgent(
   cred: Credential,
-  opts: { stateDir?: string; protocolVersion?: 4 | 5; url?: string; outbox?: Record<string, unknown>; models?: Record<string, unknown>; api?: Record<string, unknown> } = {},
+  opts: { stateDir?: string; protocolVersion?: 4 | 5; url?: string; outbox?: Record<string, unknown>; models?: Record<string, unknown>; api?: Record<string, unknown>; learner?: Record<string, unknown> } = {},
 ): Promise<{ agent: Agent; stateDir: string }> {
   const stateDir = opts.stateDir ?? tempDir('edgefleet-agent-');
   const config = AgentConfig.parse({
@@ -162,6 +162,7 @@ export async function startAgent(
     runtimes: { probe: false },
     ...(opts.outbox ? { outbox: opts.outbox } : {}),
     ...(opts.models ? { models: opts.models } : {}),
+    ...(opts.learner ? { learner: opts.learner } : {}),
     // Any free port: suites run side by side.
     api: { port: 0, ...opts.api },
   });

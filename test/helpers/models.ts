@@ -84,12 +84,13 @@ export async function assign(fleet: ModelFleet, name: string, version: number, d
 
 export async function startModelAgent(
   fleet: ModelFleet,
-  opts: { deviceId?: string; cred?: Credential; stateDir?: string; models?: Record<string, unknown>; trustedKeys?: string[] } = {},
+  opts: { deviceId?: string; cred?: Credential; stateDir?: string; models?: Record<string, unknown>; trustedKeys?: string[]; learner?: Record<string, unknown> } = {},
 ): Promise<{ agent: Agent; stateDir: string; cred: Credential; url: string }> {
   const cred = opts.cred ?? (await addDevice(fleet, opts.deviceId ?? `dev-${Math.random().toString(36).slice(2, 8)}`));
   const { agent, stateDir } = await startAgent(cred, {
     stateDir: opts.stateDir,
     models: { artifactsUrl: fleet.artifactsUrl, trustedKeys: opts.trustedKeys ?? [fleet.publicKey], checkIntervalMs: 50, childCheckTimeoutSec: 60, ...opts.models },
+    ...(opts.learner ? { learner: opts.learner } : {}),
   });
   const url = agent.apiAddress?.url;
   if (!url) throw new Error('agent has no inference API');

@@ -1,0 +1,196 @@
+import {
+  CandidateMeta,
+  FRAME_FL_CANDIDATE,
+  FRAME_FL_UPDATE,
+  FlDownMessage,
+  MAX_PAYLOAD_BYTES,
+  decodeFlFrame,
+  decodeJson,
+  encodeFlFrame,
+  encodeJson,
+  isEdgefleetError,
+  type DeclineReason,
+  type FlUpMessage,
+  type Manifest,
+  type TrainingSpec,
+} from '../../proto/index.js';
+import type { Logger } from '../../common/log.js';
+import { readGates, trippedGate, type GateLimits, type GateReading } from './gates.js';
+import { evaluateInChild, trainInChild, type RunnerOptions } from './runner.js';
+import type { SampleSet } from './samples.js';
+
+/**
+ * The device's side of federated rounds: answers invitations (join or decline, with the reason),
+ * trains in the low-priority child, sends the update; measures a round's candidate on its holdout
+ * when asked. One round at a time; an invitation seen before (sent again after a fleet restart) is
+ * ignored. Samples stay here: only counts, updates and holdout figures leave.
+ */
+
+export interface TrainingBase {
+  manifest: Manifest;
+  /** sha256 of the signed manifest: what the fleet names a base by. */
+  manifestSha256: string;
+  /** Where the version's files are. */
+  dir: string;
+}
+
+export interface ParticipantDeps {
+  /** The version serving `model`, or null. */
+  serving(model: string): TrainingBase | null;
+  samples: {
+    count(model: string): number;
+    load(model: string, opts: { featureShape: number[]; loss: TrainingSpec['loss']; labelWidth?: number }): { set: SampleSet; keys: Int32Array };
+  };
+  /** Publishes upstream (`up/fl` JSON, `up/update` binary), QoS 1. */
+  publish(kind: 'fl' | 'update', payload: Buffer): Promise<void>;
+  gates: GateLimits;
+  gateIntervalMs: number;
+  readGates?: () => Promise<GateReading>;
+  log: Logger;
+  now?: () => number;
+}
+
+export class Participant {
+  private readonly seen = new Set<number>();
+  private current: { roundId: number; abort: AbortController } | null = null;
+  private readonly tasks = new Set<Promise<void>>();
+
+  constructor(private readonly deps: ParticipantDeps) {}
+
+  get busy(): boolean {
+    return this.current !== null;
+  }
+
+  /** Stops whatever runs (the child is killed) and waits for it. */
+  async stop(): Promise<void> {
+    this.current?.abort.abort();
+    await Promise.all(this.tasks);
+  }
+
+  handle(kind: 'fl' | 'candidate', payload: Buffer): void {
+    const task = (kind === 'fl' ? this.onFl(payload) : this.onCandidate(payload)).catch((err: unknown) => this.deps.log.error({ err }, 'federated task failed'));
+    this.tasks.add(task);
+    void task.finally(() => this.tasks.delete(task));
+  }
+
+  private runner(signal: AbortSignal): RunnerOptions {
+    return { gates: this.deps.gates, gateIntervalMs: this.deps.gateIntervalMs, graceMs: 10_000, signal, ...(this.deps.readGates ? { readGates: this.deps.readGates } : {}) };
+  }
+
+  private async send(msg: FlUpMessage): Promise<void> {
+    await this.deps.publish('fl', encodeJson(msg)).catch((err: unknown) => this.deps.log.warn({ err, kind: msg.kind }, 'federated message not sent'));
+  }
+
+  private async onFl(payload: Buffer): Promise<void> {
+    const decoded = decodeJson(FlDownMessage, payload, MAX_PAYLOAD_BYTES.fl);
+    if (!decoded.ok) {
+      this.deps.log.warn({ err: decoded.error.message }, 'invalid federated message from the fleet');
+      return;
+    }
+    const msg = decoded.value;
+    if (msg.kind === 'cancel') {
+      if (this.current?.roundId === msg.roundId) this.current.abort.abort();
+      return;
+    }
+    if (this.seen.has(msg.roundId)) return;
+    this.seen.add(msg.roundId);
+    const now = (this.deps.now ?? Date.now)();
+    const decline = (reason: DeclineReason, detail?: string): Promise<void> => {
+      this.deps.log.info({ round: msg.roundId, reason, detail }, 'declined a federated round');
+      return this.send({ kind: 'decline', roundId: msg.roundId, reason, ...(detail ? { detail } : {}) });
+    };
+    if (now >= msg.deadlineAt) return decline('past-deadline');
+    if (this.current) return decline('busy', `training for round ${this.current.roundId}`);
+    const base = this.deps.serving(msg.model);
+    if (!base || base.manifest.version !== msg.baseVersion || base.manifestSha256 !== msg.baseManifestSha256) {
+      return decline('not-serving-base', base ? `serving ${msg.model}@${base.manifest.version}` : `no ${msg.model} serving`);
+    }
+    const training = base.manifest.training;
+    if (!training || base.manifest.runtime !== 'tfjs-layers') return decline('not-trainable');
+    const count = this.deps.samples.count(msg.model);
+    if (count < msg.minSamples) return decline('too-few-samples', `${count} of ${msg.minSamples}`);
+    const tripped = trippedGate(await (this.deps.readGates ?? readGates)(), this.deps.gates, 0);
+    if (tripped) return decline('resource-gates', tripped);
+    const abort = new AbortController();
+    this.current = { roundId: msg.roundId, abort };
+    try {
+      const { set, keys } = this.load(base, training);
+      await this.send({ kind: 'join', roundId: msg.roundId, sampleCount: set.count });
+      const result = await trainInChild(
+        {
+          manifest: base.manifest,
+          dir: base.dir,
+          samples: set,
+          keys,
+          spec: msg.train,
+          roundId: msg.roundId,
+          baseManifestSha256: msg.baseManifestSha256,
+          deadlineAt: msg.deadlineAt,
+          seed: (msg.roundId * 2_654_435_761) >>> 0,
+        },
+        this.runner(abort.signal),
+      );
+      if (abort.signal.aborted) return;
+      await this.deps.publish('update', encodeFlFrame(FRAME_FL_UPDATE, result.bytes));
+      this.deps.log.info({ round: msg.roundId, samples: result.meta.sampleCount, steps: result.meta.steps, stoppedBy: result.meta.stoppedBy, bytes: result.bytes.length }, 'federated update sent');
+    } catch (err) {
+      if (abort.signal.aborted) return;
+      const code = isEdgefleetError(err) ? err.code : 'EF_TRAINING_FAILED';
+      this.deps.log.warn({ err, round: msg.roundId }, 'federated training failed');
+      await this.send({ kind: 'failed', roundId: msg.roundId, code, message: (err as Error).message.slice(0, 500) });
+    } finally {
+      this.current = null;
+    }
+  }
+
+  private load(base: TrainingBase, training: TrainingSpec): { set: SampleSet; keys: Int32Array } {
+    const input = training.input === undefined ? base.manifest.inputs[0]! : base.manifest.inputs.find((i) => i.name === training.input)!;
+    const output = training.output === undefined ? base.manifest.outputs[0]! : base.manifest.outputs.find((o) => o.name === training.output)!;
+    return this.deps.samples.load(base.manifest.name, { featureShape: input.shape.slice(1), loss: training.loss, labelWidth: Math.max(1, output.shape.at(-1) ?? 1) });
+  }
+
+  private async onCandidate(payload: Buffer): Promise<void> {
+    let meta: CandidateMeta;
+    let difference;
+    try {
+      const bundle = decodeFlFrame(FRAME_FL_CANDIDATE, payload, { maxBytes: MAX_PAYLOAD_BYTES.candidate });
+      meta = CandidateMeta.parse(bundle.meta);
+      difference = bundle.tensors;
+    } catch (err) {
+      this.deps.log.warn({ err: (err as Error).message }, 'invalid federated candidate from the fleet');
+      return;
+    }
+    const base = this.deps.serving(meta.model);
+    if (!base || base.manifestSha256 !== meta.baseManifestSha256 || !base.manifest.training) {
+      return this.send({ kind: 'decline', roundId: meta.roundId, reason: 'not-serving-base' });
+    }
+    const abort = new AbortController();
+    try {
+      const { set, keys } = this.load(base, base.manifest.training);
+      const metrics = await evaluateInChild({ manifest: base.manifest, dir: base.dir, samples: set, keys, holdoutShare: meta.holdoutShare, difference }, meta.deadlineAt, this.runner(abort.signal));
+      await this.send({ kind: 'evaluation', roundId: meta.roundId, metrics });
+      this.deps.log.info({ round: meta.roundId, ...metrics }, 'federated candidate evaluated');
+    } catch (err) {
+      await this.send({ kind: 'decline', roundId: meta.roundId, reason: 'too-few-samples', detail: (err as Error).message.slice(0, 400) });
+    }
+  }
+}
+
+/** The agent's participant: its model manager's serving versions, its sample store, its link. */
+export function createParticipant(opts: {
+  manager: { trainingBase(name: string): TrainingBase | null };
+  samples: ParticipantDeps['samples'];
+  config: { maxCpuLoad: number; maxTemperatureC: number; minBatteryPercent: number; gateIntervalSec: number };
+  publish: ParticipantDeps['publish'];
+  log: Logger;
+}): Participant {
+  const c = opts.config;
+  return new Participant({
+    serving: (model) => opts.manager.trainingBase(model),
+    samples: opts.samples,
+    publish: opts.publish,
+    gates: { maxCpuLoad: c.maxCpuLoad, maxTemperatureC: c.maxTemperatureC, minBatteryPercent: c.minBatteryPercent },
+    gateIntervalMs: c.gateIntervalSec * 1000,
+    log: opts.log,
+  });
+}

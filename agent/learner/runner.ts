@@ -1,0 +1,121 @@
+import { fork } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { EdgefleetError, type ErrorCode, type EvalMetrics } from '../../proto/index.js';
+import { readGates, trippedGate, type GateLimits, type GateReading } from './gates.js';
+import type { EvalJob, TrainJob, TrainJobResult } from './job.js';
+import type { StopReason } from './train.js';
+
+/**
+ * Runs a training job in a child process at the lowest CPU priority, watching the resource gates
+ * while it trains. Off the serving path twice over: another process (TF.js and its WASM heap out
+ * of the agent's), and a priority that hands every contested core to inference.
+ */
+
+export type ParentToChild = { type: 'job'; job: TrainJob; niceness: number } | { type: 'eval'; job: EvalJob; niceness: number } | { type: 'stop'; reason: StopReason };
+export type ChildToParent =
+  | { type: 'progress'; steps: number; cpuMicros: number }
+  | ({ type: 'result' } & TrainJobResult)
+  | { type: 'evaluated'; metrics: EvalMetrics }
+  | { type: 'error'; code: ErrorCode; message: string };
+
+export interface RunnerOptions {
+  gates: GateLimits;
+  /** How often the gates are read. */
+  gateIntervalMs: number;
+  /** Past the job's deadline by this much, the child is killed (it should have stopped at the deadline). */
+  graceMs: number;
+  /** Default 19, the lowest priority. */
+  niceness?: number;
+  /** Injected in tests: the device's sensors. */
+  readGates?: () => Promise<GateReading>;
+  clock?: () => number;
+  onProgress?: (steps: number) => void;
+  /** Aborting kills the child at once (SIGKILL): the round was aborted, or the agent is stopping. */
+  signal?: AbortSignal;
+}
+
+function childEntry(): string {
+  const sibling = fileURLToPath(new URL('./child-main.js', import.meta.url));
+  if (existsSync(sibling)) return sibling;
+  const built = fileURLToPath(new URL('../../dist/agent/learner/child-main.js', import.meta.url));
+  if (existsSync(built)) return built;
+  throw new EdgefleetError('EF_INTERNAL', `no compiled child-main.js next to ${sibling} or at ${built}; run npm run build`);
+}
+
+/** Resolves with the update, or rejects with an EdgefleetError (EF_TRAINING_FAILED unless the child said otherwise). */
+export async function trainInChild(job: TrainJob, opts: RunnerOptions): Promise<TrainJobResult> {
+  const r = await inChild({ type: 'job', job, niceness: opts.niceness ?? 19 }, job.deadlineAt, opts);
+  if (r.type !== 'result') throw new EdgefleetError('EF_TRAINING_FAILED', 'the training child answered with something else');
+  const { type: _, ...value } = r;
+  return { ...value, bytes: new Uint8Array(value.bytes) };
+}
+
+/** Federated evaluation in the same low-priority child: the device's holdout through the base and the candidate. */
+export async function evaluateInChild(job: EvalJob, deadlineAt: number, opts: RunnerOptions): Promise<EvalMetrics> {
+  const r = await inChild({ type: 'eval', job, niceness: opts.niceness ?? 19 }, deadlineAt, opts);
+  if (r.type !== 'evaluated') throw new EdgefleetError('EF_TRAINING_FAILED', 'the evaluation child answered with something else');
+  return r.metrics;
+}
+
+function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, deadlineAt: number, opts: RunnerOptions): Promise<Extract<ChildToParent, { type: 'result' | 'evaluated' }>> {
+  const clock = opts.clock ?? Date.now;
+  const read = opts.readGates ?? readGates;
+  const cores = availableParallelism();
+  return new Promise((resolve, reject) => {
+    const child = fork(childEntry(), [], { execArgv: [], stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'advanced' });
+    const kill = (): boolean => child.kill('SIGKILL');
+    opts.signal?.addEventListener('abort', kill, { once: true });
+    if (opts.signal?.aborted) kill();
+    let stderr = '';
+    let outcome: { ok: true; value: Extract<ChildToParent, { type: 'result' | 'evaluated' }> } | { ok: false; err: EdgefleetError } | null = null;
+    let lastCpu = { micros: 0, at: performance.now() };
+    let trainingShare = 0;
+    let stopSent = false;
+    const stop = (reason: StopReason): void => {
+      if (stopSent || !child.connected) return;
+      stopSent = true;
+      child.send({ type: 'stop', reason } satisfies ParentToChild);
+    };
+    let reading = false;
+    const gateTimer = setInterval(() => {
+      if (reading) return;
+      reading = true;
+      read()
+        .then((r) => {
+          const tripped = trippedGate(r, opts.gates, trainingShare);
+          if (tripped) stop(tripped);
+        })
+        .catch(() => undefined)
+        .finally(() => (reading = false));
+      if (clock() > deadlineAt + opts.graceMs) child.kill('SIGKILL');
+    }, opts.gateIntervalMs);
+    // The first currentLoad() reading covers the time since boot; this one primes it.
+    void read().catch(() => undefined);
+    child.stderr?.setEncoding('utf8');
+    child.stderr?.on('data', (c: string) => (stderr = (stderr + c).slice(-2000)));
+    child.on('message', (m: ChildToParent) => {
+      if (m.type === 'progress') {
+        const now = performance.now();
+        // The child's share of all cores since its last report: its own load, not the device's.
+        if (now > lastCpu.at) trainingShare = (m.cpuMicros - lastCpu.micros) / 1000 / (now - lastCpu.at) / cores;
+        lastCpu = { micros: m.cpuMicros, at: now };
+        opts.onProgress?.(m.steps);
+      } else if (m.type === 'result' || m.type === 'evaluated') {
+        outcome ??= { ok: true, value: m };
+      } else if (m.type === 'error') {
+        outcome ??= { ok: false, err: new EdgefleetError(m.code, m.message) };
+      }
+    });
+    child.on('close', (code, signal) => {
+      clearInterval(gateTimer);
+      opts.signal?.removeEventListener('abort', kill);
+      if (outcome?.ok) return resolve(outcome.value);
+      if (outcome) return reject(outcome.err);
+      const how = signal ? `killed by ${signal}` : `exited with code ${code}`;
+      reject(new EdgefleetError('EF_TRAINING_FAILED', `the training child ${how} before reporting${stderr ? `; stderr: ${stderr.trim()}` : ''}`));
+    });
+    child.send(request);
+  });
+}
