@@ -24,6 +24,13 @@ export const ServerConfig = z
         password: z.string().optional().describe('password of that identity (default: generated and kept in <dataDir>/fleet.secret)'),
         protocolVersion: z.union([z.literal(4), z.literal(5)]).default(4).describe('MQTT protocol of the fleet connection: 4 = 3.1.1, 5 = MQTT 5'),
         maxPayloadBytes: z.number().int().min(1024).default(1024 * 1024).describe('embedded broker: largest message a device or operator may publish'),
+        maxUpdateBytes: z
+          .number()
+          .int()
+          .min(1024)
+          .max(64 * 1024 * 1024)
+          .default(32 * 1024 * 1024)
+          .describe('embedded broker: largest federated update a device may publish (up/update); size it to the largest trainable model'),
         connectWaitSec: z.number().min(0).default(10).describe('how long start-up waits for the first broker connection before going on without it'),
         mosquittoConfigDir: z
           .string()

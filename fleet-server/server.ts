@@ -24,6 +24,7 @@ import { FleetKeyring } from './registry/keys.js';
 import { setProfileArtifactsUrl } from './registry/profile.js';
 import { Registry } from './registry/registry.js';
 import { RolloutService } from './rollouts/service.js';
+import { RoundService } from './federated/service.js';
 
 const execAsync = promisify(exec);
 
@@ -37,6 +38,7 @@ export class FleetServer {
   private artifacts: ArtifactServer | null = null;
   private session: MqttSession | null = null;
   private rolloutService: RolloutService | null = null;
+  private roundService: RoundService | null = null;
   private timer: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
   private readonly rejects: RejectCounter;
@@ -77,6 +79,12 @@ export class FleetServer {
     return this.rolloutService;
   }
 
+  /** Federated rounds (tests watch them). */
+  get rounds(): RoundService {
+    if (!this.roundService) throw new Error('fleet server not started');
+    return this.roundService;
+  }
+
   get rejectedCounts(): Record<string, number> {
     return this.rejects.snapshot();
   }
@@ -94,7 +102,7 @@ export class FleetServer {
 
     if (cfg.broker.mode === 'embedded') {
       const broker = new EmbeddedBroker(
-        { host: cfg.broker.host, port: cfg.broker.port, persistenceDir: join(cfg.dataDir, 'broker'), maxPayloadBytes: cfg.broker.maxPayloadBytes },
+        { host: cfg.broker.host, port: cfg.broker.port, persistenceDir: join(cfg.dataDir, 'broker'), maxPayloadBytes: cfg.broker.maxPayloadBytes, maxUpdateBytes: cfg.broker.maxUpdateBytes },
         store,
         this.log.child({ component: 'broker' }),
         this.rejects,
@@ -142,6 +150,18 @@ export class FleetServer {
     const desired = new DesiredStateService(store, { publish: (t, p, o) => this.publish(t, p, o) }, this.log.child({ component: 'desired' }), this.now);
     const rollouts = new RolloutService({ store, desired, registry, log: this.log.child({ component: 'rollouts' }), now: this.now, intervalMs: cfg.rollouts.intervalMs });
     this.rolloutService = rollouts;
+    const rounds = new RoundService({
+      store,
+      registry,
+      blobs,
+      publish: (t, p, o) => this.publish(t, p, o),
+      startRollout: (p, by) => rollouts.startRollout(p, by),
+      log: this.log.child({ component: 'federated' }),
+      now: this.now,
+      dataDir: cfg.dataDir,
+      intervalMs: cfg.rollouts.intervalMs,
+    });
+    this.roundService = rounds;
     const inbound = new DeviceInbound(
       store,
       desired,
@@ -150,6 +170,7 @@ export class FleetServer {
       (deviceId, ack) => this.publish(topics.down(deviceId, 'ack'), encodeJson(ack), { qos: 1, retain: false }),
       this.now,
       (deviceId, msg) => rollouts.reported(deviceId, msg),
+      (deviceId, kind, payload) => rounds.handle(deviceId, kind, payload),
     );
     const ops = new OpsDispatcher(
       store,
@@ -167,6 +188,7 @@ export class FleetServer {
         keys,
         artifactsUrl: () => this.artifactsUrlValue,
         rollouts,
+        rounds,
       }),
       this.log.child({ component: 'ops' }),
       this.rejects,
@@ -215,6 +237,7 @@ export class FleetServer {
 
     // Rollouts resume after the link is up, so what they decide can be published at once.
     await rollouts.start();
+    await rounds.start();
 
     this.timer = setInterval(() => {
       if (session.connected) this.track(desired.publishPending());
@@ -241,6 +264,7 @@ export class FleetServer {
     this.timer = this.pruneTimer = null;
     if (!(await settleWithin(this.inflight, 5000))) this.log.warn({ tasks: this.inflight.size }, 'stopping with handlers still waiting on the broker');
     const steps: [string, () => Promise<void> | void][] = [
+      ['rounds', async () => this.roundService?.stop()],
       ['rollouts', async () => this.rolloutService?.stop()],
       ['link', async () => this.session?.stop()],
       ['artifacts', async () => this.artifacts?.stop()],

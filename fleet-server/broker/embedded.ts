@@ -23,6 +23,8 @@ export interface EmbeddedBrokerOptions {
   persistenceDir: string;
   /** Largest PUBLISH payload from a device or operator, in bytes. */
   maxPayloadBytes: number;
+  /** Largest federated update (`up/update`): a model's worth of weights, far above any control message. */
+  maxUpdateBytes: number;
 }
 
 interface Identity {
@@ -190,7 +192,8 @@ export class EmbeddedBroker {
       return done(new Error('publish not authorized'));
     }
     const size = typeof packet.payload === 'string' ? Buffer.byteLength(packet.payload) : packet.payload.length;
-    if (id.principal.kind !== 'fleet' && size > this.opts.maxPayloadBytes) {
+    const max = packet.topic.endsWith('/up/update') ? this.opts.maxUpdateBytes : this.opts.maxPayloadBytes;
+    if (id.principal.kind !== 'fleet' && size > max) {
       this.rejects.reject('EF_PAYLOAD_TOO_LARGE', id.principal.name, { topic: packet.topic, size });
       return done(new Error('payload too large'));
     }

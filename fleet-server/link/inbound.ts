@@ -38,6 +38,8 @@ export class DeviceInbound {
     private readonly now: () => number = Date.now,
     /** Told of every report once it is stored (rollouts and safe mode judge from them). */
     private readonly onReported: (deviceId: string, msg: ReportedMessage) => void = () => undefined,
+    /** Federated-learning traffic (`up/fl`, `up/update`): parsed by the round service, which alone knows what a round expects. */
+    private readonly federated: (deviceId: string, kind: 'fl' | 'update', payload: Buffer) => Promise<void> = () => Promise.resolve(),
   ) {
     this.writes = new WriteBatcher(store);
   }
@@ -56,6 +58,14 @@ export class DeviceInbound {
     if (!device) {
       this.rejects.reject('EF_UNKNOWN_DEVICE', deviceId, { kind });
       return;
+    }
+    if (kind === 'fl' || kind === 'update') {
+      if (payload.length > MAX_PAYLOAD_BYTES[kind]) {
+        this.rejects.reject('EF_PAYLOAD_TOO_LARGE', deviceId, { kind, bytes: payload.length });
+        this.store.devices.addRejected(deviceId, 1);
+        return;
+      }
+      return this.federated(deviceId, kind, payload);
     }
     const decoded = kind === 'telemetry' ? decodeTelemetryBatch(payload, MAX_PAYLOAD_BYTES.telemetry) : decodeJson(SCHEMAS[kind], payload, MAX_PAYLOAD_BYTES[kind]);
     if (!decoded.ok) {
@@ -126,6 +136,9 @@ export class DeviceInbound {
         await this.ack(deviceId, { batch: batch.batch, ranges: toRanges(batch.records.map((r) => r.seq)) });
         return;
       }
+      case 'fl':
+      case 'update':
+        return; // handled by the round service, before dispatch
       case 'resync':
         this.store.devices.touch(deviceId, at);
         this.log.info({ deviceId, ...(value as ResyncMessage) }, 'device asked for its full desired state');

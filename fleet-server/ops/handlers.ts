@@ -1,4 +1,4 @@
-import { EdgefleetError, defaultDesiredDoc, MAX_TAGS_PER_DEVICE, type DeviceDetail, type DeviceSummary, type Role } from '../../proto/index.js';
+import { EdgefleetError, defaultDesiredDoc, MAX_TAGS_PER_DEVICE, type DeviceDetail, type DeviceSummary, type Role, type RoundConfigInput } from '../../proto/index.js';
 import { generateSecret, hashSecret } from '../auth/credentials.js';
 import type { DesiredStateService } from '../sync/desired.js';
 import type { FleetKeyring } from '../registry/keys.js';
@@ -7,6 +7,7 @@ import type { Registry } from '../registry/registry.js';
 import type { DeviceRow, FleetStore } from '../store/types.js';
 import type { Handlers } from './dispatcher.js';
 import type { RolloutService } from '../rollouts/service.js';
+import type { RoundService } from '../federated/service.js';
 
 export interface HandlerDeps {
   store: FleetStore;
@@ -25,6 +26,8 @@ export interface HandlerDeps {
   artifactsUrl: () => string;
   /** Staged rollouts and safe mode. */
   rollouts: RolloutService;
+  /** Federated rounds. */
+  rounds: RoundService;
 }
 
 /** Names no device or operator may take. */
@@ -182,6 +185,14 @@ export function createHandlers(deps: HandlerDeps): Handlers {
     'safeMode.on': ({ selector, reason }, caller) => deps.rollouts.safeModeOn(selector ?? { kind: 'all' }, reason, caller.name),
     'safeMode.off': ({ selector }, caller) => deps.rollouts.safeModeOff(selector, caller.name),
     'safeMode.status': () => deps.rollouts.safeModeStatus(),
+
+    'fl.start': ({ config }, caller) => deps.rounds.startRound(config, caller.name),
+    'fl.list': ({ model, active, limit }) => ({ rounds: deps.rounds.list({ model, active, limit: limit ?? 50 }) }),
+    'fl.show': ({ id }) => deps.rounds.view(id),
+    'fl.abort': ({ id }, caller) => deps.rounds.abort(id, caller.name),
+    'fl.schedule': ({ config, everySec }, caller) => deps.rounds.schedule(config as RoundConfigInput, everySec, caller.name),
+    'fl.schedules': () => ({ schedules: deps.rounds.schedules() }),
+    'fl.unschedule': ({ id }, caller) => ({ removed: deps.rounds.unschedule(id, caller.name) }),
 
     ...createModelHandlers({ store, registry: deps.registry, keys: deps.keys, desired, now: deps.now, artifactsUrl: deps.artifactsUrl }),
   };

@@ -159,4 +159,50 @@ export const MIGRATIONS: readonly string[] = [
     reason   TEXT
   );
   `,
+  // v6: federated learning rounds, their participants, schedules, and the server optimizer's state per model.
+  `
+  CREATE TABLE fl_rounds (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    model              TEXT NOT NULL,
+    base_version       INTEGER NOT NULL,
+    base_sha256        TEXT NOT NULL,
+    config             TEXT NOT NULL,
+    state              TEXT NOT NULL,
+    reason             TEXT,
+    status             TEXT NOT NULL,
+    eligible           TEXT NOT NULL,
+    schedule_id        INTEGER,
+    created_by         TEXT NOT NULL,
+    created_at         INTEGER NOT NULL,
+    deadline_at        INTEGER NOT NULL,
+    eval_deadline_at   INTEGER,
+    updated_at         INTEGER NOT NULL
+  );
+  CREATE INDEX fl_rounds_model ON fl_rounds (model, id);
+  -- role: train (invited to train) or eval (asked to evaluate the candidate); one row per device and role.
+  CREATE TABLE fl_participants (
+    round_id   INTEGER NOT NULL REFERENCES fl_rounds (id),
+    role       TEXT NOT NULL,
+    device_id  TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    detail     TEXT,
+    samples    INTEGER,
+    metrics    TEXT,
+    at         INTEGER NOT NULL,
+    PRIMARY KEY (round_id, role, device_id)
+  ) WITHOUT ROWID;
+  CREATE TABLE fl_schedules (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    config      TEXT NOT NULL,
+    every_sec   INTEGER NOT NULL,
+    next_at     INTEGER NOT NULL,
+    created_by  TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+  );
+  CREATE TABLE fl_server_state (
+    model       TEXT PRIMARY KEY,
+    state       BLOB NOT NULL,
+    updated_at  INTEGER NOT NULL
+  ) WITHOUT ROWID;
+  `,
 ];

@@ -1,5 +1,6 @@
 import type { Db } from './db.js';
 import { openDb } from './db.js';
+import { flRepository } from './sqlite-fl.js';
 import type {
   ArtifactUse,
   ModelTransferTotals,
@@ -444,6 +445,7 @@ export function openSqliteStore(path: string): FleetStore {
       list: () => q.smList.all().map((r): SafeModeRecord => ({ id: r.id, selector: JSON.parse(r.selector) as Selector, since: r.since, by: r.actor, reason: r.reason })),
       remove: (id) => void q.smRemove.run(id),
     },
+    fl: flRepository(db),
     audit: {
       append: (e) => Number(q.aAppend.run(e.ts, e.actor, e.action, e.target, e.ok ? 1 : 0, e.detail === undefined ? null : JSON.stringify(e.detail)).lastInsertRowid),
       list: ({ limit, target }) =>

@@ -14,6 +14,9 @@ import type {
   ReportedMessage,
   Role,
   TelemetryRecord,
+  RoundConfig,
+  RoundState,
+  RoundView,
 } from '../../proto/index.js';
 
 /**
@@ -165,6 +168,52 @@ export interface RolloutMemberRow {
   assignedAt: number;
 }
 
+export type FlRole = 'train' | 'eval';
+/** invited → joined → updated (train) or evaluated (eval); declined and failed end a participation. */
+export type FlParticipantState = 'invited' | 'joined' | 'declined' | 'updated' | 'failed' | 'evaluated';
+
+/** What a round row holds beyond its identity: the parts of RoundView that change as it runs. */
+export type FlRoundStatus = Pick<RoundView, 'counts' | 'rejected' | 'declines' | 'local' | 'aggregate' | 'evaluation' | 'privacy' | 'candidate'>;
+
+export interface FlRoundRow {
+  id: number;
+  model: string;
+  baseVersion: number;
+  baseManifestSha256: string;
+  config: RoundConfig;
+  state: RoundState;
+  reason: string | null;
+  status: FlRoundStatus;
+  /** The eligible devices in invitation order; replacements for decliners come from here. */
+  eligible: string[];
+  scheduleId: number | null;
+  createdBy: string;
+  createdAt: number;
+  deadlineAt: number;
+  evalDeadlineAt: number | null;
+  updatedAt: number;
+}
+
+export interface FlParticipantRow {
+  roundId: number;
+  role: FlRole;
+  deviceId: string;
+  state: FlParticipantState;
+  detail: string | null;
+  samples: number | null;
+  metrics: unknown;
+  at: number;
+}
+
+export interface FlScheduleRow {
+  id: number;
+  config: RoundConfig;
+  everySec: number;
+  nextAt: number;
+  createdBy: string;
+  createdAt: number;
+}
+
 export interface FleetStore {
   /** Runs `fn` atomically: every write inside commits together or not at all. */
   transaction<T>(fn: () => T): T;
@@ -244,6 +293,23 @@ export interface FleetStore {
     insert(r: Omit<SafeModeRecord, 'id'>): number;
     list(): SafeModeRecord[];
     remove(id: number): void;
+  };
+  fl: {
+    insertRound(row: Omit<FlRoundRow, 'id'>): number;
+    getRound(id: number): FlRoundRow | null;
+    /** Newest first; `active`: collecting or evaluating. */
+    listRounds(opts: { model?: string | undefined; active?: boolean | undefined; limit: number }): FlRoundRow[];
+    updateRound(id: number, u: Pick<FlRoundRow, 'state' | 'reason' | 'status' | 'evalDeadlineAt' | 'updatedAt'>): void;
+    participants(roundId: number, role: FlRole): FlParticipantRow[];
+    participant(roundId: number, role: FlRole, deviceId: string): FlParticipantRow | null;
+    /** Inserts or replaces the (round, role, device) row. */
+    putParticipant(row: FlParticipantRow): void;
+    serverState(model: string): Uint8Array | null;
+    putServerState(model: string, state: Uint8Array, at: number): void;
+    insertSchedule(row: Omit<FlScheduleRow, 'id'>): number;
+    listSchedules(): FlScheduleRow[];
+    setScheduleNext(id: number, nextAt: number): void;
+    removeSchedule(id: number): boolean;
   };
   audit: {
     append(e: Omit<AuditRow, 'seq'>): number;
