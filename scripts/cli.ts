@@ -13,6 +13,8 @@ import { MODEL_USAGE, runKeyCommand, runModelCommand, type CommandContext, type 
 import { DELTA_USAGE, runDeltaCommand, type DeltaFlags } from './cli/delta.js';
 import { WATCH_EXIT } from './cli/rollout-view.js';
 import { ROLLOUT_USAGE, runDevicesTag, runRolloutCommand, runSafeModeCommand, tagFlag, tagsCell, type RolloutFlags } from './cli/rollout.js';
+import { FL_USAGE, runFlCommand, type FlFlags } from './cli/fl.js';
+import { WATCH_EXIT as FL_WATCH_EXIT } from './cli/fl-view.js';
 
 const USAGE = `edgefleet ${VERSION}: operator CLI
 
@@ -36,6 +38,7 @@ commands:
 ${MODEL_USAGE}
 ${DELTA_USAGE}
 ${ROLLOUT_USAGE}
+${FL_USAGE}
   broker-config mosquitto --out <dir> [--data-dir <dir>] [--port <n>] [--url <mqtt-url>] [--run-as <user>]
                                        password file, ACL and mosquitto.conf for an external broker;
                                        Mosquitto runs as --run-as (default: whoever runs this command)
@@ -49,11 +52,13 @@ options:
 
 exit codes: 0 ok, 2 usage, 10 broker unreachable, 11 credentials refused, 12 forbidden,
             13 not found, 14 invalid input, 15 timeout, 16 server error, 17 no credentials;
-            rollout watch: ${WATCH_EXIT.failed} halted or aborted, ${WATCH_EXIT.interrupted} interrupted (Ctrl-C)`;
+            rollout watch: ${WATCH_EXIT.failed} halted or aborted, ${WATCH_EXIT.interrupted} interrupted (Ctrl-C);
+            fl start/watch: ${FL_WATCH_EXIT.failed} round failed or aborted, ${FL_WATCH_EXIT.interrupted} interrupted (Ctrl-C)`;
 
 type Flags = ModelFlags &
   DeltaFlags &
-  RolloutFlags & {
+  RolloutFlags &
+  FlFlags & {
   json?: boolean;
   'artifacts-url'?: string;
   profile?: string;
@@ -114,6 +119,8 @@ const EXIT_FOR: Partial<Record<ErrorCode, number>> = {
   // Refusals because of state, like EF_VERSION_CONFLICT: the request is not acceptable now.
   EF_ROLLOUT_CONFLICT: EXIT.CLI_INVALID,
   EF_SAFE_MODE: EXIT.CLI_INVALID,
+  EF_UNKNOWN_ROUND: EXIT.CLI_NOT_FOUND,
+  EF_ROUND_CONFLICT: EXIT.CLI_INVALID,
 };
 
 function out(flags: Flags, data: unknown, human: () => string): void {
@@ -187,6 +194,7 @@ async function run(cmd: string[], flags: Flags): Promise<number | void> {
   if (group === 'model') return runModelCommand(commandContext(flags), cmd.slice(1));
   if (group === 'key') return runKeyCommand(commandContext(flags), cmd.slice(1));
   if (group === 'rollout') return runRolloutCommand(commandContext(flags), cmd.slice(1));
+  if (group === 'fl') return runFlCommand(commandContext(flags), cmd.slice(1));
   if (group === 'safe-mode') return runSafeModeCommand(commandContext(flags), cmd.slice(1));
   if (key === 'devices tag') return runDevicesTag(commandContext(flags), cmd.slice(2));
   switch (group === 'audit' || group === 'stats' || group === 'telemetry' ? group : key) {
@@ -416,6 +424,16 @@ async function main(argv: string[]): Promise<number> {
         add: { type: 'string' },
         remove: { type: 'string' },
         tag: { type: 'string' },
+        config: { type: 'string' },
+        'min-samples': { type: 'string' },
+        fraction: { type: 'string' },
+        min: { type: 'string' },
+        max: { type: 'string' },
+        deadline: { type: 'string' },
+        strategy: { type: 'string' },
+        watch: { type: 'boolean' },
+        model: { type: 'string' },
+        every: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });
