@@ -1,8 +1,10 @@
-import { setPriority } from 'node:os';
+import { readdirSync } from 'node:fs';
+import { availableParallelism, setPriority } from 'node:os';
 import { EXIT, isEdgefleetError } from '../../proto/index.js';
 import type { StopReason } from './train.js';
 import { runEvalJob, runTrainJob, type EvalJob, type TrainJob } from './job.js';
-import type { ChildToParent, ParentToChild } from './runner.js';
+import type { ChildGates, ChildToParent, ParentToChild } from './runner.js';
+import { readGates, trippedGate } from './gates.js';
 
 /**
  * The training child: takes one job over IPC, trains at the lowest CPU priority, reports progress
@@ -15,13 +17,59 @@ function send(m: ChildToParent): Promise<void> {
 }
 
 let stopReason: StopReason | null = null;
+const PROGRESS_MS = 250;
+let lastProgress = 0;
 
+/**
+ * The gates, read here rather than in the agent (see RunnerOptions.readGates). This process's own
+ * CPU time is taken off the device's load: training is not the load it yields to.
+ */
+function watchGates(gates: ChildGates): void {
+  if (!gates) return;
+  const cores = availableParallelism();
+  let last = { micros: cpuMicros(), at: performance.now() };
+  // The first currentLoad() covers the time since boot; this one primes it.
+  void readGates().catch(() => undefined);
+  let reading = false;
+  setInterval(() => {
+    if (reading || stopReason) return;
+    reading = true;
+    readGates()
+      .then((r) => {
+        const now = { micros: cpuMicros(), at: performance.now() };
+        const share = now.at > last.at ? (now.micros - last.micros) / 1000 / (now.at - last.at) / cores : 0;
+        last = now;
+        stopReason ??= trippedGate(r, gates.limits, share);
+      })
+      .catch(() => undefined)
+      .finally(() => (reading = false));
+  }, gates.intervalMs).unref();
+}
+
+function cpuMicros(): number {
+  const c = process.cpuUsage();
+  return c.user + c.system;
+}
+
+/**
+ * Nice 19, the lowest priority, for every thread of this process. On Linux a priority belongs to
+ * a thread, and V8 starts its garbage-collector and compiler threads before any of our code runs:
+ * lowering only the main thread left the collection of training's garbage at normal priority, and
+ * inference p99 six times its idle value. Threads started later inherit from their creator.
+ */
 function lowerPriority(niceness: number): void {
+  let tids: number[] = [0];
   try {
-    // Our own pid (0): nice 19 is the lowest priority; lowering it needs no privilege.
-    setPriority(0, niceness);
+    tids = readdirSync('/proc/self/task').map(Number);
   } catch {
-    // A platform without priorities trains at normal priority; the gates still apply.
+    // Not Linux: the process's priority is the only one there is.
+  }
+  for (const tid of tids) {
+    try {
+      setPriority(tid, niceness);
+    } catch {
+      // A thread that ended meanwhile, or a platform without priorities: the gates still apply.
+    }
   }
 }
 
@@ -35,14 +83,19 @@ async function evaluateJob(job: EvalJob, niceness: number): Promise<void> {
   process.exit(EXIT.OK);
 }
 
-async function run(job: TrainJob, niceness: number): Promise<void> {
+async function run(job: TrainJob, niceness: number, gates: ChildGates): Promise<void> {
   lowerPriority(niceness);
   try {
     const result = await runTrainJob(job, {
       shouldStop: () => stopReason,
       onStep: (steps) => {
-        const cpu = process.cpuUsage();
-        void send({ type: 'progress', steps, cpuMicros: cpu.user + cpu.system });
+        // Watched from the first step: loading the model is not training.
+        if (steps === 0) watchGates(gates);
+        // At most a few a second: every message is work on the serving process's event loop.
+        const now = performance.now();
+        if (steps > 1 && now - lastProgress < PROGRESS_MS) return;
+        lastProgress = now;
+        void send({ type: 'progress', steps, cpuMicros: cpuMicros() });
       },
     });
     await send({ type: 'result', ...result });
@@ -60,6 +113,6 @@ if (!process.send) {
 process.on('disconnect', () => process.exit(EXIT.OK));
 process.on('message', (m: ParentToChild) => {
   if (m.type === 'stop') stopReason ??= m.reason;
-  else if (m.type === 'job') void run(m.job, m.niceness);
+  else if (m.type === 'job') void run(m.job, m.niceness, m.gates);
   else if (m.type === 'eval') void evaluateJob(m.job, m.niceness);
 });

@@ -3,7 +3,7 @@ import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { EdgefleetError, type ErrorCode, type EvalMetrics } from '../../proto/index.js';
-import { readGates, trippedGate, type GateLimits, type GateReading } from './gates.js';
+import { trippedGate, type GateLimits, type GateReading } from './gates.js';
 import type { EvalJob, TrainJob, TrainJobResult } from './job.js';
 import type { StopReason } from './train.js';
 
@@ -13,7 +13,12 @@ import type { StopReason } from './train.js';
  * of the agent's), and a priority that hands every contested core to inference.
  */
 
-export type ParentToChild = { type: 'job'; job: TrainJob; niceness: number } | { type: 'eval'; job: EvalJob; niceness: number } | { type: 'stop'; reason: StopReason };
+/** `gates`: the child reads the device's gates itself; null when the parent does (an injected reader). */
+export type ChildGates = { limits: GateLimits; intervalMs: number } | null;
+export type ParentToChild =
+  | { type: 'job'; job: TrainJob; niceness: number; gates: ChildGates }
+  | { type: 'eval'; job: EvalJob; niceness: number; gates: ChildGates }
+  | { type: 'stop'; reason: StopReason };
 export type ChildToParent =
   | { type: 'progress'; steps: number; cpuMicros: number }
   | ({ type: 'result' } & TrainJobResult)
@@ -28,7 +33,12 @@ export interface RunnerOptions {
   graceMs: number;
   /** Default 19, the lowest priority. */
   niceness?: number;
-  /** Injected in tests: the device's sensors. */
+  /**
+   * Injected in tests: the device's sensors, read here in the parent. Without it the child reads
+   * them (systeminformation): reading temperature and battery spawns processes on some boards,
+   * and a spawn from the serving process stalls its event loop for milliseconds, which showed as
+   * inference p99 four times its idle value while training.
+   */
   readGates?: () => Promise<GateReading>;
   clock?: () => number;
   onProgress?: (steps: number) => void;
@@ -46,7 +56,7 @@ function childEntry(): string {
 
 /** Resolves with the update, or rejects with an EdgefleetError (EF_TRAINING_FAILED unless the child said otherwise). */
 export async function trainInChild(job: TrainJob, opts: RunnerOptions): Promise<TrainJobResult> {
-  const r = await inChild({ type: 'job', job, niceness: opts.niceness ?? 19 }, job.deadlineAt, opts);
+  const r = await inChild({ type: 'job', job, niceness: opts.niceness ?? 19, gates: null }, job.deadlineAt, opts);
   if (r.type !== 'result') throw new EdgefleetError('EF_TRAINING_FAILED', 'the training child answered with something else');
   const { type: _, ...value } = r;
   return { ...value, bytes: new Uint8Array(value.bytes) };
@@ -54,14 +64,14 @@ export async function trainInChild(job: TrainJob, opts: RunnerOptions): Promise<
 
 /** Federated evaluation in the same low-priority child: the device's holdout through the base and the candidate. */
 export async function evaluateInChild(job: EvalJob, deadlineAt: number, opts: RunnerOptions): Promise<EvalMetrics> {
-  const r = await inChild({ type: 'eval', job, niceness: opts.niceness ?? 19 }, deadlineAt, opts);
+  const r = await inChild({ type: 'eval', job, niceness: opts.niceness ?? 19, gates: null }, deadlineAt, opts);
   if (r.type !== 'evaluated') throw new EdgefleetError('EF_TRAINING_FAILED', 'the evaluation child answered with something else');
   return r.metrics;
 }
 
 function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, deadlineAt: number, opts: RunnerOptions): Promise<Extract<ChildToParent, { type: 'result' | 'evaluated' }>> {
   const clock = opts.clock ?? Date.now;
-  const read = opts.readGates ?? readGates;
+  const read = opts.readGates;
   const cores = availableParallelism();
   return new Promise((resolve, reject) => {
     const child = fork(childEntry(), [], { execArgv: [], stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'advanced' });
@@ -80,7 +90,8 @@ function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, dead
     };
     let reading = false;
     const gateTimer = setInterval(() => {
-      if (reading) return;
+      if (clock() > deadlineAt + opts.graceMs) child.kill('SIGKILL');
+      if (!read || reading) return;
       reading = true;
       read()
         .then((r) => {
@@ -89,10 +100,7 @@ function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, dead
         })
         .catch(() => undefined)
         .finally(() => (reading = false));
-      if (clock() > deadlineAt + opts.graceMs) child.kill('SIGKILL');
     }, opts.gateIntervalMs);
-    // The first currentLoad() reading covers the time since boot; this one primes it.
-    void read().catch(() => undefined);
     child.stderr?.setEncoding('utf8');
     child.stderr?.on('data', (c: string) => (stderr = (stderr + c).slice(-2000)));
     child.on('message', (m: ChildToParent) => {
@@ -116,6 +124,6 @@ function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, dead
       const how = signal ? `killed by ${signal}` : `exited with code ${code}`;
       reject(new EdgefleetError('EF_TRAINING_FAILED', `the training child ${how} before reporting${stderr ? `; stderr: ${stderr.trim()}` : ''}`));
     });
-    child.send(request);
+    child.send({ ...request, gates: read ? null : { limits: opts.gates, intervalMs: opts.gateIntervalMs } });
   });
 }

@@ -130,6 +130,15 @@ describe('the training child', () => {
     expect(result.meta.steps).toBeGreaterThan(0);
   });
 
+  it('reads the gates itself when none are injected (here a CPU limit no device meets)', async () => {
+    const { wrong } = await irisModels();
+    const long = job(wrong);
+    const { readGates: _, ...own } = runner({ gates: { maxCpuLoad: -1, maxTemperatureC: 80, minBatteryPercent: 20 } });
+    const result = await trainInChild({ ...long, spec: { ...long.spec, epochs: 100_000 } }, own);
+    expect(result.meta.stoppedBy).toBe('cpu');
+    expect(result.meta.steps).toBeGreaterThan(0);
+  });
+
   it('stops at the round’s deadline', async () => {
     const { wrong } = await irisModels();
     const long = job(wrong);
