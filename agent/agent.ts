@@ -13,6 +13,7 @@ import {
   type ReportedMessage,
   type ResyncMessage,
   type StatusMessage,
+  type ErrorCode,
 } from '../proto/index.js';
 import type { Logger } from '../common/log.js';
 import { MqttSession } from '../common/mqtt-session.js';
@@ -342,6 +343,7 @@ export class Agent {
       onChange: () => this.reportedSoon(),
       log: this.log.child({ component: 'models' }),
       feedback,
+      reportSamples: cfg.learner.enabled,
     });
     this.modelManager = manager;
     await manager.start();
@@ -351,7 +353,8 @@ export class Agent {
         await this.session.publish(topics.up(cfg.deviceId, kind), payload, { qos: 1 });
       };
       const samples = { count: (m: string) => feedback.sampleCount(m), load: (m: string, o: LoadSamplesOptions) => feedback.loadSamples(m, o) };
-      this.participant = createParticipant({ manager, samples, config: cfg.learner, publish, log: this.log.child({ component: 'learner' }) });
+      const reject = (code: ErrorCode, kind: string, detail: Record<string, unknown>): void => this.rejects.reject(code, kind, detail);
+      this.participant = createParticipant({ manager, samples, config: cfg.learner, publish, reject, log: this.log.child({ component: 'learner' }) });
     }
     if (cfg.api.enabled) {
       this.api = await startInferenceServer(manager, { host: cfg.api.host, port: cfg.api.port, socketPath: cfg.api.socketPath, maxBodyBytes: cfg.api.maxBodyBytes, log: this.log.child({ component: 'api' }) });

@@ -156,6 +156,7 @@ export class FleetServer {
       blobs,
       publish: (t, p, o) => this.publish(t, p, o),
       startRollout: (p, by) => rollouts.startRollout(p, by),
+      reject: (code, deviceId, detail) => this.rejects.reject(code, deviceId, detail),
       log: this.log.child({ component: 'federated' }),
       now: this.now,
       dataDir: cfg.dataDir,

@@ -155,6 +155,7 @@ function modelLines(name: string, m: ModelSlotReport, desired: number | null): s
     `model       ${name}: serving ${m.active === null ? 'nothing' : `version ${m.active}`} (${m.state}) · desired ${desired ?? '-'}`,
     `            stable ${m.history.join(', ') || '-'} · failed here ${m.failed.join(', ') || '-'} · fallback ${m.fallback ?? '-'}`,
   ];
+  if (m.samples !== undefined) lines.push(`            ${m.samples} labelled sample${m.samples === 1 ? '' : 's'} held for federated rounds`);
   const t = m.transfer;
   if (t) {
     const kib = (n: number): string => `${(n / 1024).toFixed(1)} KiB`;
@@ -412,6 +413,7 @@ async function main(argv: string[]): Promise<number> {
         health: { type: 'string' },
         signature: { type: 'string' },
         lineage: { type: 'string' },
+        training: { type: 'string' },
         reason: { type: 'string' },
         shadow: { type: 'string' },
         base: { type: 'string' },

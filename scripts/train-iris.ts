@@ -365,7 +365,8 @@ function writeExampleInputs(outDir: string): void {
   writeFileSync(join(outDir, 'golden.json'), vectors([0, 1, 50, 51, 100, 101]));
   writeFileSync(join(outDir, 'baseline.json'), vectors(features.map((_, i) => i)));
   writeFileSync(join(outDir, 'health.json'), JSON.stringify({ probationRequests: 100, probationSec: 5, confidenceOutput: IRIS_OUTPUT.name }, null, 2));
-  process.stdout.write(`wrote golden.json, baseline.json and health.json in ${outDir}\n`);
+  writeFileSync(join(outDir, 'training.json'), JSON.stringify({ loss: 'sparse-categorical-crossentropy', outputKind: 'probabilities' }, null, 2));
+  process.stdout.write(`wrote golden.json, baseline.json, health.json and training.json in ${outDir}\n`);
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {

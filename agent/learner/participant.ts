@@ -10,12 +10,15 @@ import {
   encodeJson,
   isEdgefleetError,
   type DeclineReason,
+  type ErrorCode,
+  type EvalMetrics,
   type FlUpMessage,
   type Manifest,
   type TrainingSpec,
 } from '../../proto/index.js';
 import type { Logger } from '../../common/log.js';
 import { readGates, trippedGate, type GateLimits, type GateReading } from './gates.js';
+import type { EvalJob, TrainJob, TrainJobResult } from './job.js';
 import { evaluateInChild, trainInChild, type RunnerOptions } from './runner.js';
 import type { SampleSet } from './samples.js';
 
@@ -45,7 +48,13 @@ export interface ParticipantDeps {
   publish(kind: 'fl' | 'update', payload: Buffer): Promise<void>;
   gates: GateLimits;
   gateIntervalMs: number;
+  /** Counts a refused message from the fleet (the agent's reject counter). */
+  reject?: (code: ErrorCode, kind: 'fl' | 'candidate', detail: Record<string, unknown>) => void;
   readGates?: () => Promise<GateReading>;
+  /** Runs a training job; default in the low-priority child (trainInChild). The simulator trains in-process instead. */
+  train?: (job: TrainJob, opts: RunnerOptions) => Promise<TrainJobResult>;
+  /** Runs a federated evaluation; default in the child (evaluateInChild). */
+  evaluate?: (job: EvalJob, deadlineAt: number, opts: RunnerOptions) => Promise<EvalMetrics>;
   log: Logger;
   now?: () => number;
 }
@@ -84,7 +93,7 @@ export class Participant {
   private async onFl(payload: Buffer): Promise<void> {
     const decoded = decodeJson(FlDownMessage, payload, MAX_PAYLOAD_BYTES.fl);
     if (!decoded.ok) {
-      this.deps.log.warn({ err: decoded.error.message }, 'invalid federated message from the fleet');
+      this.deps.reject?.(decoded.error.code, 'fl', { message: decoded.error.message.slice(0, 200) });
       return;
     }
     const msg = decoded.value;
@@ -116,7 +125,7 @@ export class Participant {
     try {
       const { set, keys } = this.load(base, training);
       await this.send({ kind: 'join', roundId: msg.roundId, sampleCount: set.count });
-      const result = await trainInChild(
+      const result = await (this.deps.train ?? trainInChild)(
         {
           manifest: base.manifest,
           dir: base.dir,
@@ -157,7 +166,7 @@ export class Participant {
       meta = CandidateMeta.parse(bundle.meta);
       difference = bundle.tensors;
     } catch (err) {
-      this.deps.log.warn({ err: (err as Error).message }, 'invalid federated candidate from the fleet');
+      this.deps.reject?.(isEdgefleetError(err) ? err.code : 'EF_BAD_PAYLOAD', 'candidate', { message: (err as Error).message.slice(0, 200) });
       return;
     }
     const base = this.deps.serving(meta.model);
@@ -167,7 +176,7 @@ export class Participant {
     const abort = new AbortController();
     try {
       const { set, keys } = this.load(base, base.manifest.training);
-      const metrics = await evaluateInChild({ manifest: base.manifest, dir: base.dir, samples: set, keys, holdoutShare: meta.holdoutShare, difference }, meta.deadlineAt, this.runner(abort.signal));
+      const metrics = await (this.deps.evaluate ?? evaluateInChild)({ manifest: base.manifest, dir: base.dir, samples: set, keys, holdoutShare: meta.holdoutShare, difference }, meta.deadlineAt, this.runner(abort.signal));
       await this.send({ kind: 'evaluation', roundId: meta.roundId, metrics });
       this.deps.log.info({ round: meta.roundId, ...metrics }, 'federated candidate evaluated');
     } catch (err) {
@@ -182,6 +191,7 @@ export function createParticipant(opts: {
   samples: ParticipantDeps['samples'];
   config: { maxCpuLoad: number; maxTemperatureC: number; minBatteryPercent: number; gateIntervalSec: number };
   publish: ParticipantDeps['publish'];
+  reject: NonNullable<ParticipantDeps['reject']>;
   log: Logger;
 }): Participant {
   const c = opts.config;
@@ -191,6 +201,7 @@ export function createParticipant(opts: {
     publish: opts.publish,
     gates: { maxCpuLoad: c.maxCpuLoad, maxTemperatureC: c.maxTemperatureC, minBatteryPercent: c.minBatteryPercent },
     gateIntervalMs: c.gateIntervalSec * 1000,
+    reject: opts.reject,
     log: opts.log,
   });
 }

@@ -22,6 +22,8 @@ export interface ModelManagerOptions {
   report: (cls: RecordClass, type: string, body: unknown) => void;
   onChange: () => void;
   log: Logger;
+  /** Report sample counts (the device takes part in federated rounds). Default true. */
+  reportSamples?: boolean;
   feedback?: {
     record(requestId: string, model: string, version: number, input?: SampleInput): void;
     label(model: string, requestId: string, label: unknown): boolean;

@@ -252,7 +252,8 @@ export class ModelManager implements ModelHost {
         lastVerdict: s.lastVerdict,
         transfer: s.transfer,
         metrics: slot.serving ? servingMetrics(slot.serving) : null,
-        ...(this.opts.feedback ? { samples: this.opts.feedback.sampleCount(name) } : {}),
+        // Without a learner the device takes part in no round: no count, so the fleet never picks it.
+        ...(this.opts.feedback && this.opts.reportSamples !== false ? { samples: this.opts.feedback.sampleCount(name) } : {}),
       };
     }
     return out;

@@ -17,6 +17,7 @@ import {
   type Selector,
   type SignedManifest,
   type UpdateRejection,
+  type ErrorCode,
 } from '../../proto/index.js';
 import { writeFileAtomic } from '../../common/files.js';
 import type { Logger } from '../../common/log.js';
@@ -40,6 +41,8 @@ export interface RoundServiceDeps {
   blobs: ArtifactStore;
   publish: (topic: string, payload: Buffer, opts: { qos: 0 | 1; retain: boolean }) => Promise<void>;
   startRollout: (p: { name: string; version: number; selector?: Selector | undefined; plan?: unknown }, by: string) => Promise<{ rollout: { id: number } | null }>;
+  /** Counts a refused device message (the fleet's reject counter). */
+  reject: (code: ErrorCode, deviceId: string, detail: Record<string, unknown>) => void;
   log: Logger;
   now: () => number;
   dataDir: string;
@@ -223,7 +226,7 @@ export class RoundService {
     if (kind === 'update') return this.update(deviceId, payload);
     const decoded = decodeJson(FlUpMessage, payload, MAX_PAYLOAD_BYTES.fl);
     if (!decoded.ok) {
-      this.deps.log.debug({ deviceId, err: decoded.error.message }, 'invalid federated message');
+      this.deps.reject(decoded.error.code, deviceId, { kind: 'fl', message: decoded.error.message.slice(0, 200) });
       this.deps.store.devices.addRejected(deviceId, 1);
       return;
     }
@@ -292,6 +295,7 @@ export class RoundService {
     const row = roundId !== null ? this.deps.store.fl.getRound(roundId) : this.collectingFor(deviceId);
     const reject = (reason: UpdateRejection, detail: string): Promise<void> => {
       this.deps.log.info({ deviceId, round: row?.id ?? roundId, reason, detail }, 'federated update rejected');
+      this.deps.reject(reason === 'oversized' ? 'EF_PAYLOAD_TOO_LARGE' : 'EF_BAD_PAYLOAD', deviceId, { kind: 'update', reason, round: row?.id ?? roundId });
       this.deps.store.devices.addRejected(deviceId, 1);
       if (row) {
         this.deps.store.transaction(() => {

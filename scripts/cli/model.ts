@@ -26,6 +26,7 @@ export interface ModelFlags {
   health?: string | undefined;
   signature?: string | undefined;
   lineage?: string | undefined;
+  training?: string | undefined;
   reason?: string | undefined;
   shadow?: string | undefined;
 }
@@ -41,7 +42,7 @@ export interface CommandContext {
 
 export const MODEL_USAGE = `  model publish <dir|file> --name <n> [--version <v>] [--runtime onnx|tfjs-graph|tfjs-layers] [--entry <file>]
           [--golden-inputs <file>] [--baseline-inputs <file>] [--reference parent] [--parent <v>]
-          [--expires <days>] [--health <file>] [--signature <file>] [--lineage <file>]
+          [--expires <days>] [--health <file>] [--signature <file>] [--lineage <file>] [--training <file>]
                                        run the model here (golden outputs, baselines), upload its
                                        files to the artifact server, register it as a candidate
   model list [name]                    versions, newest first, with status and lineage
@@ -116,6 +117,7 @@ async function publish(ctx: CommandContext, path: string | undefined): Promise<v
       signature: f.signature,
       health: f.health,
       lineage: f.lineage,
+      training: f.training,
       expiresAt: days === undefined ? null : Date.now() + Math.round(days * 86_400_000),
     });
     const artifacts = new ArtifactClient(profile.artifactsUrl as string, profile.username, profile.password);

@@ -6,6 +6,7 @@ import {
   EdgefleetError,
   HealthPolicy,
   Lineage,
+  TrainingSpec,
   Manifest,
   TensorSpec,
   MAX_PAYLOAD_BYTES,
@@ -73,6 +74,8 @@ export interface DraftOptions {
   health?: string | undefined;
   /** Merged into the lineage: dataSnapshot, hyperparameters, metrics, method... */
   lineage?: string | undefined;
+  /** A TrainingSpec (JSON): devices may train the model for federated rounds. */
+  training?: string | undefined;
   expiresAt?: number | null | undefined;
 }
 
@@ -263,6 +266,7 @@ export async function buildDraft(files: ModelFiles, opts: DraftOptions, runtime:
   const baselineInputs = opts.baselineInputs ? readJson(BaselineInputsFile, opts.baselineInputs, 'baseline inputs') : null;
   const health = opts.health ? readJson(HealthPolicy, opts.health, 'health policy') : HealthPolicy.parse({});
   const lineageExtra = opts.lineage ? readJson(Lineage.partial(), opts.lineage, 'lineage') : {};
+  const training = opts.training ? readJson(TrainingSpec, opts.training, 'training') : undefined;
   const tolerance = {
     abs: golden?.tolerance?.abs ?? parent?.manifest.golden.tolerance.abs ?? 1e-4,
     rel: golden?.tolerance?.rel ?? parent?.manifest.golden.tolerance.rel ?? 1e-3,
@@ -277,6 +281,7 @@ export async function buildDraft(files: ModelFiles, opts: DraftOptions, runtime:
     inputs: signature.inputs,
     outputs: signature.outputs,
     health,
+    ...(training ? { training } : {}),
     createdAt: 0,
     expiresAt: null,
   });
@@ -316,6 +321,7 @@ export async function buildDraft(files: ModelFiles, opts: DraftOptions, runtime:
       golden: { tolerance, vectors },
       health,
       baseline,
+      ...(training ? { training } : {}),
       lineage: { ...lineageExtra, parent: parent?.manifest.version ?? lineageExtra.parent ?? null, method: lineageExtra.method ?? 'upload' },
       expiresAt: opts.expiresAt ?? null,
     };

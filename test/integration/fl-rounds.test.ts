@@ -1,9 +1,10 @@
 import { afterEach, describe, expect, it } from 'vitest';
+import { crc32 } from 'node:zlib';
 import mqtt from 'mqtt';
-import { FRAME_FL_UPDATE, Manifest, encodeBundle, encodeFlFrame, topics, type RoundView, type UpdateMeta } from '../../proto/index.js';
+import { FRAME_FL_UPDATE, Manifest, defaultDesiredDoc, encodeBundle, encodeFlFrame, topics, type RoundView, type UpdateMeta } from '../../proto/index.js';
 import type { Agent } from '../../agent/agent.js';
 import { irisSamples } from '../../scripts/train-iris.js';
-import { waitFor, type Credential } from '../helpers/fleet.js';
+import { addDevice, waitFor, type Credential } from '../helpers/fleet.js';
 import { assign, irisModels, irisPublish, publishModel, serving, startModelAgent, startModelFleet, type ModelFleet } from '../helpers/models.js';
 
 /**
@@ -24,7 +25,7 @@ interface Setup {
   base: { version: number; manifestSha256: string };
 }
 
-async function setup(devices = 3, learner: Record<string, unknown> = {}): Promise<Setup> {
+async function setup(devices = 3): Promise<Setup> {
   const fleet = await startModelFleet();
   cleanups.push(() => fleet.stop());
   const { wrong } = await irisModels();
@@ -37,7 +38,7 @@ async function setup(devices = 3, learner: Record<string, unknown> = {}): Promis
   const agents: Setup['agents'] = [];
   for (let i = 0; i < devices; i++) {
     // The CPU gate off: the test machine is busy with the test itself (and the other agents' training).
-    const a = await startModelAgent(fleet, { deviceId: `learner-${i}`, learner: { maxCpuLoad: 1, ...learner } });
+    const a = await startModelAgent(fleet, { deviceId: `learner-${i}`, learner: { maxCpuLoad: 1 } });
     cleanups.push(() => a.agent.stop());
     agents.push(a);
   }
@@ -54,10 +55,61 @@ async function setup(devices = 3, learner: Record<string, unknown> = {}): Promis
   return { fleet, agents, base };
 }
 
+/**
+ * Devices the test speaks for: provisioned, online, reporting the base with 50 samples, but with no
+ * agent behind them. A round invites them and waits; the test sends their updates by hand.
+ */
+async function forgedSetup(devices = 3): Promise<{ fleet: ModelFleet; clients: { id: string; client: mqtt.MqttClient }[] }> {
+  const fleet = await startModelFleet();
+  cleanups.push(() => fleet.stop());
+  const { wrong } = await irisModels();
+  const base = await publishModel(fleet, wrong.dir, {
+    ...irisPublish({ probationRequests: 0, probationSec: 0 }),
+    edit: (d) => void (d.training = { loss: 'sparse-categorical-crossentropy', outputKind: 'probabilities', personalLayers: [] }),
+  });
+  await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'approved' });
+  await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'production' });
+  const clients: { id: string; client: mqtt.MqttClient }[] = [];
+  for (let i = 0; i < devices; i++) {
+    const id = `forged-${i}`;
+    const cred = await addDevice(fleet, id);
+    const client = await mqtt.connectAsync(fleet.server.brokerUrl, { clientId: id, username: id, password: cred.password, clean: true });
+    cleanups.push(() => client.endAsync());
+    await client.publishAsync(topics.up(id, 'status'), JSON.stringify({ state: 'online', session: 1 }), { qos: 1, retain: true });
+    const slot = { state: 'idle', active: base.version, activeSha256: base.manifestSha256, desired: base.version, history: [base.version], failed: [], fallback: base.version, lastVerdict: null, samples: 50 };
+    await client.publishAsync(topics.up(id, 'reported'), JSON.stringify({ ts: Date.now(), desiredVersion: 1, agent: defaultDesiredDoc().agent, models: { iris: slot } }), { qos: 1 });
+    clients.push({ id, client });
+  }
+  await waitFor('the fleet sees the forged devices', () => clients.every(({ id }) => fleet.server.fleetStore.reported.get(id)?.doc.models.iris?.samples === 50 && fleet.server.fleetStore.devices.get(id)?.presence === 'online'), 30_000);
+  return { fleet, clients };
+}
+
 async function until(fleet: ModelFleet, id: number, done: (v: RoundView) => boolean, timeoutMs = 120_000): Promise<RoundView> {
   let view!: RoundView;
   await waitFor(`round ${id}`, async () => done((view = await fleet.admin.call('fl.show', { id }))), timeoutMs);
   return view;
+}
+
+/** Updates as a device would send them for round `id`, built by hand. */
+function forge(fleet: ModelFleet, id: number): { meta: (over?: Partial<UpdateMeta>) => UpdateMeta; tensors: (scale: number, value?: number) => { name: string; shape: number[]; data: Float32Array }[] } {
+  const row = fleet.server.fleetStore.fl.getRound(id)!;
+  const specs = fleet.server.rounds.base(row).shared.specs;
+  const meta = (over: Partial<UpdateMeta> = {}): UpdateMeta => ({
+    kind: 'fl-update',
+    roundId: id,
+    baseManifestSha256: row.baseManifestSha256,
+    sampleCount: 40,
+    normBeforeClip: 1,
+    clipped: false,
+    localNoiseStd: 0,
+    metrics: { lossBefore: 1, lossAfter: 0.5, accuracyBefore: 0.3, accuracyAfter: 0.9, holdoutCount: 10 },
+    steps: 10,
+    stoppedBy: 'done',
+    trainMs: 5,
+    ...over,
+  });
+  const tensors = (scale: number, value = 0.01) => specs.map((s) => ({ name: s.name, shape: s.shape, data: new Float32Array(s.size).fill(value * scale) }));
+  return { meta, tensors };
 }
 
 const config = (over: Record<string, unknown> = {}): Record<string, unknown> => ({
@@ -101,45 +153,47 @@ describe('federated rounds with real agents', { timeout: 240_000 }, () => {
   });
 
   it('rejects and counts late, duplicate, stale and malformed updates', async () => {
-    // Devices that take no part: the test sends the updates itself, as the first device.
-    const { fleet, agents } = await setup(3, { enabled: false });
+    const { fleet, clients } = await forgedSetup();
     const started = await fleet.admin.call('fl.start', { config: config({ deadlineSec: 3600 }) });
     expect(started.state).toBe('collecting');
-    await agents[0]!.agent.stop();
-    const cred = agents[0]!.cred;
-    const client = await mqtt.connectAsync(fleet.server.brokerUrl, { clientId: cred.username, username: cred.username, password: cred.password, clean: true });
-    cleanups.push(() => client.endAsync());
-    const row = fleet.server.fleetStore.fl.getRound(started.id)!;
-    const specs = fleet.server.rounds.base(row).shared.specs;
-    const meta = (over: Partial<UpdateMeta> = {}): UpdateMeta => ({
-      kind: 'fl-update',
-      roundId: started.id,
-      baseManifestSha256: row.baseManifestSha256,
-      sampleCount: 40,
-      normBeforeClip: 1,
-      clipped: false,
-      localNoiseStd: 0,
-      metrics: { lossBefore: 1, lossAfter: 0.5, accuracyBefore: 0.3, accuracyAfter: 0.9, holdoutCount: 10 },
-      steps: 10,
-      stoppedBy: 'done',
-      trainMs: 5,
-      ...over,
-    });
-    const tensors = (scale: number, value = 0.01) => specs.map((s) => ({ name: s.name, shape: s.shape, data: new Float32Array(s.size).fill(value * scale) }));
-    const send = (bytes: Uint8Array): Promise<unknown> => client.publishAsync(topics.up(cred.username, 'update'), Buffer.from(bytes), { qos: 1 });
+    const { id: deviceId, client } = clients[0]!;
+    const { meta, tensors } = forge(fleet, started.id);
+    const send = (bytes: Uint8Array): Promise<unknown> => client.publishAsync(topics.up(deviceId, 'update'), Buffer.from(bytes), { qos: 1 });
     await send(encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1), meta: meta({ baseManifestSha256: 'f'.repeat(64) }) })));
     await send(encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1).slice(1), meta: meta() })));
     await send(encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1e6), meta: meta() })));
-    const nan = encodeBundle({ tensors: tensors(1), meta: meta() });
-    await send(Buffer.concat([encodeFlFrame(FRAME_FL_UPDATE, nan).subarray(0, 20), Buffer.from('garbage')]));
+    await send(Buffer.concat([encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1), meta: meta() })).subarray(0, 20), Buffer.from('garbage')]));
+    // A NaN in the last weight, with a checksum that matches: only the values are wrong.
+    const poisoned = Buffer.from(encodeBundle({ tensors: tensors(1), meta: meta() }));
+    poisoned.writeFloatLE(Number.NaN, poisoned.length - 8);
+    poisoned.writeUInt32LE(crc32(poisoned.subarray(0, poisoned.length - 4)), poisoned.length - 4);
+    await send(encodeFlFrame(FRAME_FL_UPDATE, poisoned));
     await send(encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1), meta: meta() })));
     await send(encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1), meta: meta() })));
-    const v = await until(fleet, started.id, (x) => x.counts.updates === 1 && Object.values(x.rejected).reduce((a, b) => a + b, 0) >= 5, 30_000);
-    expect(v.rejected).toEqual({ 'stale-base': 1, 'wrong-tensors': 1, 'norm-above-bound': 1, malformed: 1, duplicate: 1 });
+    const v = await until(fleet, started.id, (x) => x.counts.updates === 1 && Object.values(x.rejected).reduce((a, b) => a + b, 0) >= 6, 30_000);
+    expect(v.rejected).toEqual({ 'stale-base': 1, 'wrong-tensors': 1, 'norm-above-bound': 1, malformed: 1, 'non-finite': 1, duplicate: 1 });
     expect(v.counts.samples).toBe(40);
     await fleet.admin.call('fl.abort', { id: started.id });
     await send(encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1), meta: meta() })));
     const after = await until(fleet, started.id, (x) => x.state === 'aborted' && x.rejected.late === 1);
     expect(after.counts.updates).toBe(1);
+  });
+
+  it('resumes a round after a fleet restart, with its updates, and never counts one twice', async () => {
+    const { fleet, clients } = await forgedSetup();
+    const started = await fleet.admin.call('fl.start', { config: config({ deadlineSec: 3600 }) });
+    const { id: deviceId, client } = clients[0]!;
+    const { meta, tensors } = forge(fleet, started.id);
+    const update = encodeFlFrame(FRAME_FL_UPDATE, encodeBundle({ tensors: tensors(1), meta: meta() }));
+    await client.publishAsync(topics.up(deviceId, 'update'), update, { qos: 1 });
+    await until(fleet, started.id, (x) => x.counts.updates === 1);
+    await fleet.restart();
+    const resumed = await fleet.admin.call('fl.show', { id: started.id });
+    expect(resumed).toMatchObject({ state: 'collecting', counts: { updates: 1, samples: 40, invited: 3 } });
+    // The same update again, as a device that never heard its first one was counted (mqtt.js reconnects on its own).
+    await client.publishAsync(topics.up(deviceId, 'update'), update, { qos: 1 });
+    const v = await until(fleet, started.id, (x) => x.rejected.duplicate === 1);
+    expect(v.counts).toMatchObject({ updates: 1, samples: 40 });
+    await fleet.admin.call('fl.abort', { id: started.id });
   });
 });

@@ -26,6 +26,7 @@ import {
   ERROR_CODES,
   FRAME_TELEMETRY_BATCH,
   FactsMessage,
+  FlUpMessage,
   MAX_PAYLOAD_BYTES,
   METHODS,
   OpsReply,
@@ -216,6 +217,8 @@ const depthArb = fc.constantFrom(50, 2_000, 20_000, 100_000);
 // Valid messages of every upstream kind with a JSON body.
 const AGENT_SETTINGS = { logLevel: 'info', reportIntervalSec: 300, factsIntervalSec: 3600 };
 const TEMPLATES: Record<string, Record<string, unknown>> = {
+  // A round the fleet has never heard of: accepted by the schema, then ignored.
+  fl: { kind: 'decline', roundId: 99, reason: 'too-few-samples', detail: 'none' },
   status: { state: 'online', session: 3, ts: 1_700_000_000_000, agentVersion: '0.1.0' },
   facts: {
     collectedAt: 1_700_000_000_000,
@@ -233,7 +236,7 @@ const TEMPLATES: Record<string, Record<string, unknown>> = {
   reported: { ts: 1_700_000_000_000, desiredVersion: 1, agent: AGENT_SETTINGS, models: { m1: { url: 'x' } } },
   resync: { have: 0, reason: 'startup' },
 };
-const UP_SCHEMAS: Record<string, z.ZodType> = { status: StatusMessage, facts: FactsMessage, reported: ReportedMessage, resync: ResyncMessage };
+const UP_SCHEMAS: Record<string, z.ZodType> = { status: StatusMessage, facts: FactsMessage, reported: ReportedMessage, resync: ResyncMessage, fl: FlUpMessage };
 
 /** Telemetry frames: our header on noise, deflated JSON of any shape, valid batches spoiled or nested deep, and valid ones. */
 const telemetryArb: fc.Arbitrary<Payload> = (() => {
