@@ -1,14 +1,17 @@
 #!/usr/bin/env node
 /**
  * `npm run simulate`: a fleet of simulated devices in this process (scripts/sim), for rehearsing a
- * rollout plan against a running fleet, or for load on any broker. Prints a status line every
- * second; Ctrl-C says goodbye for every device and exits.
+ * rollout plan or a federated round against a running fleet, or for load on any broker. Prints a
+ * status line every second; Ctrl-C says goodbye for every device and exits.
  */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { EXIT, isEdgefleetError, isValidId, type ErrorCode } from '../proto/index.js';
-import { resolveProfile } from './cli/profile.js';
-import { SimFleet, type FleetStatus } from './sim/fleet.js';
+import { resolveProfile, type Profile } from './cli/profile.js';
+import { OpsClient } from './ops-client.js';
+import { FL_DATASETS, SimFleet, type FlDataset, type FleetStatus, type SimLearningOptions } from './sim/fleet.js';
 import { BEHAVIOURS, deviceIds, parseRuleSpec, scenarioErrors, type Scenario } from './sim/scenario.js';
 import { provisionDevices, type DeviceCredential } from './sim/provision.js';
 
@@ -37,6 +40,15 @@ const USAGE = `usage: npm run simulate -- [options]
   --protocol <4|5>           MQTT 3.1.1 or 5 (default 4)
   --duration-sec <s>         stop by itself after this long (default: until Ctrl-C)
   --clear-retained           on exit, leave no retained status behind (default: each device's offline)
+
+  federated learning (against a fleet: its profile, as for provisioning):
+  --fl <dataset>             every device holds a non-IID shard of ${FL_DATASETS.join(' or ')} as labelled samples
+                             and takes part in the fleet's rounds; e.g. --model digits@1 --fl digits
+  --fl-model <name>          the model the samples are for (default: the dataset's name)
+  --fl-alpha <a>             Dirichlet label skew across devices, smaller is more skewed (default 0.5)
+  --fl-seed <n>              seeds the partition (default 1)
+  --fl-cache <dir>           where the base version's files are kept, shared by every device
+                             (default: a temporary directory, removed on exit)
 
 exit codes: 0 ok, 2 usage, 10 broker unreachable, 11 credentials refused, 12 forbidden, 15 timeout,
             16 fleet error, 17 no credentials`;
@@ -106,6 +118,11 @@ async function main(): Promise<number> {
       protocol: { type: 'string' },
       'duration-sec': { type: 'string' },
       'clear-retained': { type: 'boolean' },
+      fl: { type: 'string' },
+      'fl-model': { type: 'string' },
+      'fl-alpha': { type: 'string' },
+      'fl-seed': { type: 'string' },
+      'fl-cache': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
     strict: true,
@@ -124,10 +141,15 @@ async function main(): Promise<number> {
   if (bad.length > 0) throw new UsageError(`not valid tags: ${bad.join(', ')}`);
   if (values.protocol !== undefined && values.protocol !== '4' && values.protocol !== '5') throw new UsageError('--protocol is 4 or 5');
   const durationSec = values['duration-sec'] === undefined ? null : positive('duration-sec', values['duration-sec'], 0);
+  const fl = parseFl(values);
+  if (fl && values.url !== undefined && values.profile === undefined) throw new UsageError('--fl needs a fleet (--profile): the devices fetch the base model from its artifact server');
+  if (fl && !(fl.model in models)) say(`--fl: no --model ${fl.model}@<version>: devices hold ${fl.model} only once the fleet assigns it`);
 
   const ids = deviceIds(scenario);
   let url = values.url;
   let credentials: Record<string, DeviceCredential> | undefined;
+  let learning: SimLearningOptions | undefined;
+  let removeCache = (): void => undefined;
   // Anonymous when only a URL is given; otherwise the fleet's broker, with provisioned devices.
   if (values.url === undefined || values.profile !== undefined) {
     const profile = resolveProfile({ profile: values.profile });
@@ -144,21 +166,41 @@ async function main(): Promise<number> {
       },
     });
     url ??= credentials[ids[0] as string]?.brokerUrl;
+    if (fl) {
+      const { artifactsUrl, trustedKeys } = await modelsProvisioning(profile);
+      let cacheDir = values['fl-cache'];
+      if (cacheDir === undefined) {
+        const tmp = (cacheDir = mkdtempSync(join(tmpdir(), 'edgefleet-sim-fl-')));
+        removeCache = () => rmSync(tmp, { recursive: true, force: true });
+      }
+      learning = { ...fl, artifactsUrl, trustedKeys, cacheDir };
+    }
   } else if (tags.length > 0) {
     say('--tag has no effect without a fleet (--profile): tags live in the fleet');
   }
   if (url === undefined) throw new UsageError('no broker: give --url, or --profile for a fleet');
-  const sim = new SimFleet({
+  const options = {
     url,
     scenario,
     credentials,
     connectConcurrency: positive('concurrency', values.concurrency, 200),
-    protocolVersion: values.protocol === '5' ? 5 : 4,
+    protocolVersion: values.protocol === '5' ? (5 as const) : (4 as const),
     probationMs: positive('probation-ms', values['probation-ms'], 1000),
     reportIntervalMs: positive('report-interval-ms', values['report-interval-ms'], 5000),
     initial: { models },
-  });
+    ...(learning ? { learning } : {}),
+  };
+  // Loading and partitioning the dataset may fail: the temporary cache goes with it.
+  const sim = build(() => new SimFleet(options), removeCache);
+  const samples = sim.samples();
+  if (samples && learning) {
+    say(
+      `federated: ${samples.total} ${learning.dataset} rows over ${sim.ids.length} devices for ${samples.model} (Dirichlet α ${learning.alpha}, seed ${learning.seed}),` +
+        ` ${samples.min}–${samples.max} each; model files cached in ${learning.cacheDir}`,
+    );
+  }
 
+  const tty = process.stderr.isTTY;
   const counters: Record<string, number> = { applied: 0, resync: 0, committed: 0, 'rolled back': 0, crashes: 0, flaps: 0, 'link lost': 0 };
   sim.on('applied', () => (counters.applied = (counters.applied ?? 0) + 1));
   sim.on('resync', () => (counters.resync = (counters.resync ?? 0) + 1));
@@ -171,6 +213,13 @@ async function main(): Promise<number> {
     if (k) counters[k] = (counters[k] ?? 0) + 1;
   });
   sim.on('refused', (id, message) => say(`${id}: ${message}`));
+  const flCounters = { join: 'fl joined', decline: 'fl declined', failed: 'fl failed', update: 'updates sent', evaluation: 'evaluated', 'fetch-failed': 'fetch failed' } as const;
+  sim.on('fl', (id, what, detail) => {
+    const k = flCounters[what];
+    counters[k] = (counters[k] ?? 0) + 1;
+    // Failures are worth a line of their own; declines are counted (their reasons are in `edgefleet fl status <round>`).
+    if (what === 'failed' || what === 'fetch-failed') say(`${tty ? '\n' : ''}${id}: ${what === 'failed' ? 'training failed' : 'cannot fetch the base'}: ${detail ?? ''}`);
+  });
 
   const t0 = Date.now();
   say(`connecting ${sim.ids.length} devices to ${url}`);
@@ -181,7 +230,7 @@ async function main(): Promise<number> {
       if (ticker) clearInterval(ticker);
       if (process.stderr.isTTY) process.stderr.write('\n');
       say('stopping: every device says offline and disconnects');
-      await sim.stop({ clearRetained: values['clear-retained'] === true });
+      await sim.stop({ clearRetained: values['clear-retained'] === true }).finally(removeCache);
       process.stdout.write(JSON.stringify({ status: sim.status(), counters, elapsedSec: Math.round((Date.now() - t0) / 1000) }) + '\n');
       return code;
     })();
@@ -199,13 +248,13 @@ async function main(): Promise<number> {
     await sim.start();
   } catch (e) {
     await sim.stop().catch(() => undefined);
+    removeCache();
     throw e;
   }
   // Interrupted while connecting: start() stopped opening connections; the goodbyes are under way.
   if (stopping) return done;
   say(`${sim.status().connected} devices connected in ${((Date.now() - t0) / 1000).toFixed(1)} s (rss ${Math.round(process.memoryUsage.rss() / 1e6)} MB)`);
   if (durationSec !== null) setTimeout(() => void stop(EXIT.OK).then(finish), durationSec * 1000);
-  const tty = process.stderr.isTTY;
   let ticks = 0;
   ticker = setInterval(() => {
     ticks += 1;
@@ -214,6 +263,51 @@ async function main(): Promise<number> {
     else if (ticks % 5 === 0) say(line);
   }, 1000);
   return done;
+}
+
+/** `make()`, or `undo()` and the error. */
+function build<T>(make: () => T, undo: () => void): T {
+  try {
+    return make();
+  } catch (e) {
+    undo();
+    throw e;
+  }
+}
+
+type FlFlags = { fl?: string | undefined; 'fl-model'?: string | undefined; 'fl-alpha'?: string | undefined; 'fl-seed'?: string | undefined };
+
+/** --fl and its options; null without --fl. */
+function parseFl(values: FlFlags): { dataset: FlDataset; model: string; alpha: number; seed: number } | null {
+  if (values.fl === undefined) {
+    const stray = (['fl-model', 'fl-alpha', 'fl-seed'] as const).filter((k) => values[k] !== undefined);
+    if (stray.length > 0) throw new UsageError(`${stray.map((k) => `--${k}`).join(', ')} without --fl`);
+    return null;
+  }
+  const dataset = values.fl as FlDataset;
+  if (!FL_DATASETS.includes(dataset)) throw new UsageError(`--fl is one of ${FL_DATASETS.join(', ')}, not ${JSON.stringify(values.fl)}`);
+  const model = values['fl-model'] ?? dataset;
+  if (!isValidId(model)) throw new UsageError(`--fl-model wants a model name, not ${JSON.stringify(model)}`);
+  const alpha = values['fl-alpha'] === undefined ? 0.5 : Number(values['fl-alpha']);
+  if (!(alpha > 0 && Number.isFinite(alpha))) throw new UsageError(`--fl-alpha wants a number above 0, not ${JSON.stringify(values['fl-alpha'])}`);
+  return { dataset, model, alpha, seed: positive('fl-seed', values['fl-seed'], 1) };
+}
+
+/**
+ * Where the devices download models and which fleet key signs them: the fleet says (as for `edgefleet
+ * devices add`); a fleet that will not tell leaves the profile's artifact server and unchecked signatures.
+ */
+async function modelsProvisioning(profile: Profile): Promise<{ artifactsUrl: string; trustedKeys: string[] }> {
+  const client = await OpsClient.connect({ ...profile, timeoutMs: 30_000 });
+  try {
+    return await client.call('models.provisioning', {});
+  } catch (e) {
+    if (!profile.artifactsUrl) throw e;
+    say(`models.provisioning: ${(e as Error).message}; using the profile's artifact server ${profile.artifactsUrl}, manifests' signatures unchecked`);
+    return { artifactsUrl: profile.artifactsUrl, trustedKeys: [] };
+  } finally {
+    await client.close();
+  }
 }
 
 main().then(

@@ -160,6 +160,11 @@ async function show(ctx: CommandContext, arg: string | undefined): Promise<void>
         `golden      ${m.golden.vectors.length} vectors, tolerance abs ${m.golden.tolerance.abs} rel ${m.golden.tolerance.rel}`,
         `baseline    outputs ${Object.keys(m.baseline.outputs).join(', ') || 'none'} · inputs ${Object.keys(m.baseline.inputs).join(', ') || 'none'}`,
         `lineage     parent ${m.lineage.parent ?? '-'}, ${m.lineage.method}${m.lineage.dataSnapshot ? `, data ${m.lineage.dataSnapshot}` : ''}`,
+        ...(m.lineage.federatedRound === undefined ? [] : [`            federated round ${m.lineage.federatedRound} (edgefleet fl status ${m.lineage.federatedRound})`]),
+        ...(m.lineage.metrics && Object.keys(m.lineage.metrics).length > 0
+          ? [`            ${Object.entries(m.lineage.metrics).map(([k, x]) => `${k} ${Number.isInteger(x) ? x : x.toPrecision(4)}`).join(' · ')}`]
+          : []),
+        ...(m.training ? [`training    ${m.training.loss}${m.training.personalLayers.length ? `, personal layers ${m.training.personalLayers.join(', ')}` : ''}`] : []),
         `signed      key ${v.signed.signature.keyId} (chain of ${v.signed.keyChain.length}) · manifest sha256 ${v.manifestSha256}`,
         'files:',
         ...m.files.map((f) => `  ${f.path}  ${bytes(f.size)}  ${f.sha256.slice(0, 16)}…`),

@@ -15,13 +15,15 @@ import { applyDesiredMessage, initialDesiredState, type DesiredState } from '../
 import type { Behaviour, DeviceProfile, SimTiming } from './scenario.js';
 import { SimLink, type RawEcho } from './link.js';
 import { SimSlot, type SlotHost } from './slot.js';
+import type { FlActivity, SimLearner, SimLearning } from './learner.js';
 
 /**
  * One simulated device: a real MQTT connection speaking the device protocol as agent/agent.ts
  * does (retained `online` status and an `offline` will carrying the session number, `down/+`
  * subscription, `up/reported` after every change and periodically, `up/resync` when a desired
  * message does not apply), with model slots that move as scripted instead of running models.
- * Desired messages apply through the agent's own rules (applyDesiredMessage).
+ * Desired messages apply through the agent's own rules (applyDesiredMessage). With federated
+ * learning on, `down/fl` and `down/candidate` go to the agent's own Participant (learner.ts).
  */
 
 export const SIM_AGENT_VERSION = 'sim-0.1.0';
@@ -37,6 +39,8 @@ export interface SimEvents {
   resync: [id: string, request: ResyncMessage];
   reported: [id: string, report: ReportedMessage];
   verdict: [id: string, model: string, version: number, ok: boolean];
+  /** Federated learning: what the device sent (join, decline, failed, evaluation, update), or a failed fetch of a base's files. */
+  fl: [id: string, activity: FlActivity, detail: string | null];
 }
 
 export interface SimDeviceOptions {
@@ -55,6 +59,8 @@ export interface SimDeviceOptions {
   /** Seeded apart from `random`, so how often figures are read changes no timing. */
   noise: () => number;
   events: EventEmitter<SimEvents>;
+  /** Federated learning for the fleet's simulated devices; null: off. */
+  learning: SimLearning | null;
 }
 
 export interface SimDeviceSnapshot {
@@ -84,9 +90,26 @@ export class SimDevice {
   private flapTimer: NodeJS.Timeout | null = null;
   private restartTimer: NodeJS.Timeout | null = null;
   private reportSoon: NodeJS.Immediate | null = null;
+  private readonly learner: SimLearner | null;
 
   constructor(private readonly opts: SimDeviceOptions) {
     this.wantOnline = !opts.profile.offline;
+    this.learner =
+      opts.learning?.learner({
+        id: opts.id,
+        auth: { username: opts.username, password: opts.password ?? '' },
+        serving: (model) => {
+          const slot = this.slots.get(model);
+          return slot && slot.active !== null ? { version: slot.active, sha256: slot.activeSha256 } : null;
+        },
+        // The Participant wants to know when nothing could be sent; a simulated device keeps no outbox.
+        publish: (kind, payload) => {
+          if (!this.link.connected || this.down) return Promise.reject(new Error(`${opts.id} has no link`));
+          this.link.publish(topics.up(opts.id, kind), payload);
+          return Promise.resolve();
+        },
+        activity: (what, detail) => opts.events.emit('fl', opts.id, what, detail),
+      }) ?? null;
     for (const [name, version] of Object.entries(opts.initial)) this.slots.set(name, new SimSlot(name, this.slotHost(name), version));
     const { id, raw } = opts;
     const filters: string[] = [];
@@ -146,6 +169,11 @@ export class SimDevice {
     return this.slots.get(model)?.active ?? null;
   }
 
+  /** The real sha256 of a version's signed manifest, learned from the fleet (see SimSlot.learnSha256). */
+  learnSha256(model: string, version: number, manifestSha256: string): void {
+    this.slots.get(model)?.learnSha256(version, manifestSha256);
+  }
+
   /** Per model: what serves and in which state, without building a report. */
   slotSummary(): { model: string; active: number | null; state: string }[] {
     return [...this.slots.values()].map((s) => ({ model: s.model, active: s.active, state: s.state }));
@@ -190,6 +218,7 @@ export class SimDevice {
     if (this.reportSoon) clearImmediate(this.reportSoon);
     this.reportSoon = null;
     for (const slot of this.slots.values()) slot.dispose();
+    await this.learner?.stop();
     const goodbye = this.opts.raw?.only ? null : { topic: topics.up(this.id, 'status'), payload: clearRetained ? Buffer.alloc(0) : this.status('offline') };
     if (await this.link.close(goodbye)) this.opts.events.emit('disconnected', this.id, 'stop');
   }
@@ -229,6 +258,7 @@ export class SimDevice {
     this.crashes += 1;
     this.down = true;
     for (const slot of this.slots.values()) slot.dispose();
+    this.learner?.abort();
     this.link.cancelRetry();
     this.drop('crash');
     this.restartTimer = setTimeout(() => this.restart(), this.opts.timing.crashRestartMs);
@@ -259,8 +289,10 @@ export class SimDevice {
   private onMessage(topic: string, payload: Buffer): void {
     if (this.down) return;
     const t = parseTopic(topic);
+    if (!t || t.dir !== 'down' || t.deviceId !== this.id) return;
+    if (t.kind === 'fl' || t.kind === 'candidate') return this.learner?.handle(t.kind, payload);
     // Acks belong to the outbox, which a simulated device does not have.
-    if (!t || t.dir !== 'down' || t.deviceId !== this.id || t.kind !== 'desired') return;
+    if (t.kind !== 'desired') return;
     // An empty retained message means the fleet cleared it; there is nothing to apply.
     if (payload.length === 0) return;
     const decoded = decodeJson(DesiredMessage, payload, MAX_PAYLOAD_BYTES.desired);
@@ -333,7 +365,10 @@ export class SimDevice {
 
   private reportModels(now: number): Record<string, ModelSlotReport> {
     const models: Record<string, ModelSlotReport> = {};
-    for (const [name, slot] of this.slots) models[name] = slot.report(now);
+    for (const [name, slot] of this.slots) {
+      const samples = this.opts.learning?.samples(this.id, name) ?? 0;
+      models[name] = samples > 0 ? { ...slot.report(now), samples } : slot.report(now);
+    }
     return models;
   }
 

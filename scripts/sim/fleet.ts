@@ -2,6 +2,7 @@ import { EventEmitter } from 'node:events';
 import { EdgefleetError } from '../../proto/index.js';
 import { SimDevice, type SimDeviceSnapshot, type SimEvents } from './device.js';
 import type { RawEcho } from './link.js';
+import { SimLearning, type SimLearningOptions } from './learner.js';
 import { DEFAULT_TIMING, DeviceProfile, assignRules, prng, stableHash, type Scenario, type SimTiming } from './scenario.js';
 
 /**
@@ -14,6 +15,7 @@ import { DEFAULT_TIMING, DeviceProfile, assignRules, prng, stableHash, type Scen
 export type { DisconnectCause, SimDeviceSnapshot, SimEvents } from './device.js';
 export { BEHAVIOURS, DEFAULT_TIMING, deviceIds, parseRuleSpec } from './scenario.js';
 export type { Behaviour, MetricsProfile, Scenario, ScenarioRule, SimTiming } from './scenario.js';
+export { FL_DATASETS, type FlActivity, type FlDataset, type SimLearningOptions } from './learner.js';
 
 export interface RawEchoOptions {
   /** Where a device receives the benchmark's message; default `bench/raw/{deviceId}`. */
@@ -51,6 +53,12 @@ export interface SimFleetOptions {
   raw?: boolean | RawEchoOptions;
   /** start() gives up after this long; default 120 s. */
   startTimeoutMs?: number;
+  /**
+   * Federated learning: every device holds a shard of a dataset as its samples and takes part in
+   * the fleet's rounds with the agent's own Participant. Needs `credentials` (the devices fetch
+   * the base's files from the fleet's artifact server with them).
+   */
+  learning?: SimLearningOptions;
 }
 
 export interface SlotCounts {
@@ -76,6 +84,7 @@ export class SimFleet extends EventEmitter<SimEvents> {
   private readonly devices = new Map<string, SimDevice>();
   private started = false;
   private stopped = false;
+  private readonly learning: SimLearning | null;
 
   constructor(private readonly opts: SimFleetOptions) {
     super();
@@ -88,6 +97,8 @@ export class SimFleet extends EventEmitter<SimEvents> {
     const seed = opts.scenario.seed ?? 'edgefleet-sim';
     const initial = opts.initial?.models ?? {};
     const raw = opts.raw === true ? {} : opts.raw || null;
+    if (opts.learning && !opts.credentials) throw new RangeError('federated learning needs device credentials: the devices fetch model files from the fleet with them');
+    this.learning = opts.learning ? new SimLearning(opts.learning, [...rules.keys()]) : null;
     for (const [id, deviceRules] of rules) {
       const random = prng(stableHash(`${seed}/timing`, id));
       const cred = opts.credentials?.[id];
@@ -110,6 +121,7 @@ export class SimFleet extends EventEmitter<SimEvents> {
           random,
           noise: prng(stableHash(`${seed}/noise`, id)),
           events: this,
+          learning: this.learning,
         }),
       );
     }
@@ -124,6 +136,7 @@ export class SimFleet extends EventEmitter<SimEvents> {
   async start(): Promise<void> {
     if (this.started) throw new Error('SimFleet.start: already started');
     this.started = true;
+    await this.learnBaseSha256();
     const targets = [...this.devices.values()].filter((d) => d.online);
     const timeoutMs = this.opts.startTimeoutMs ?? 120_000;
     let timer: NodeJS.Timeout | undefined;
@@ -143,6 +156,7 @@ export class SimFleet extends EventEmitter<SimEvents> {
   /** Ends every device: each says `offline` (clearRetained: leaves no retained status) and disconnects cleanly. */
   async stop(opts: { clearRetained?: boolean } = {}): Promise<void> {
     this.stopped = true;
+    this.learning?.close();
     const results = await Promise.allSettled([...this.devices.values()].map((d) => d.stop(opts.clearRetained ?? false)));
     const failed = results.filter((r) => r.status === 'rejected').length;
     if (failed > 0) throw new Error(`SimFleet.stop: ${failed} devices did not close cleanly`);
@@ -208,6 +222,27 @@ export class SimFleet extends EventEmitter<SimEvents> {
       };
       check();
     });
+  }
+
+  /** Samples per device for the learning model (smallest, largest, total); null without federated learning. */
+  samples(): { model: string; min: number; max: number; total: number } | null {
+    return this.learning ? { model: this.learning.model, ...this.learning.sampleRange() } : null;
+  }
+
+  /**
+   * With federated learning, the devices starting out on a version of the learning model report
+   * its real manifest sha256, fetched from the fleet, instead of the stand-in: the fleet invites
+   * only devices serving exactly the base.
+   */
+  private async learnBaseSha256(): Promise<void> {
+    const learning = this.learning;
+    const version = learning ? this.opts.initial?.models[learning.model] : undefined;
+    if (!learning || version === undefined) return;
+    const first = this.ids[0];
+    const cred = first === undefined ? undefined : this.opts.credentials?.[first];
+    if (!cred) return;
+    const { sha256 } = await learning.cache.manifest(learning.model, version, cred);
+    for (const d of this.devices.values()) d.learnSha256(learning.model, version, sha256);
   }
 
   private get(id: string): SimDevice {

@@ -77,6 +77,16 @@ export class SimSlot {
     return this.history.includes(version) || this.fallback === version;
   }
 
+  /**
+   * The real sha256 of a version's signed manifest, learned from the fleet: reported from now on
+   * for that version instead of the stand-in, also when it serves already (a version the device
+   * started out holding, which no desired state named yet).
+   */
+  learnSha256(version: number, manifestSha256: string): void {
+    this.shaOf.set(version, manifestSha256);
+    if (this.active === version) this.activeSha256 = manifestSha256;
+  }
+
   /** Moves toward desired state. `safeMode`: serve the pinned fallback, whatever `version` says. */
   setDesired(version: number, manifestSha256: string | undefined, safeMode: boolean): void {
     this.desired = version;
