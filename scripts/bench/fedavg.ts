@@ -16,23 +16,25 @@
  * median and trimmed mean ≤ 5 × FedAvg; infer_p99_training_vs_idle ≤ 1.5. The last line of stdout
  * is one JSON object; progress goes to stderr.
  */
-import { fork } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { execFile } from 'node:child_process';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
-import { benchThroughput, runPeakMemoryChild, type PeakMemoryResult } from './fedavg-aggregate.js';
+import { benchThroughput, type PeakMemoryResult } from './fedavg-aggregate.js';
 import { benchInferenceWhileTraining } from './fedavg-infer.js';
 
 const log = (line: string): void => void process.stderr.write(`${line}\n`);
 
+/**
+ * In a fresh process that loads only the aggregation code: this script's own imports (TF.js for the
+ * inference part) would put a few hundred MB under the figure and hide what the fold uses.
+ */
 function peakInChild(params: number, clients: number): Promise<PeakMemoryResult> {
+  const entry = pathToFileURL(fileURLToPath(new URL('./fedavg-aggregate.js', import.meta.url))).href;
+  const code = `import { runPeakMemoryChild } from ${JSON.stringify(entry)}; runPeakMemoryChild(process.argv.slice(1));`;
   return new Promise((resolve, reject) => {
-    const child = fork(fileURLToPath(import.meta.url), ['--peak-child', '--params', String(params), '--clients', String(clients)], { execArgv: [], stdio: ['ignore', 'pipe', 'inherit', 'ipc'] });
-    let out = '';
-    child.stdout!.setEncoding('utf8').on('data', (c: string) => (out += c));
-    child.on('close', (code) => {
-      const last = out.trim().split('\n').at(-1) ?? '';
-      if (code !== 0) return reject(new Error(`peak-memory child exited with ${code}`));
-      resolve(JSON.parse(last) as PeakMemoryResult);
+    execFile(process.execPath, ['--input-type=module', '-e', code, '--', '--params', String(params), '--clients', String(clients)], (err, stdout) => {
+      if (err) return reject(err);
+      resolve(JSON.parse(stdout.trim().split('\n').at(-1) ?? '') as PeakMemoryResult);
     });
   });
 }
@@ -79,10 +81,8 @@ async function main(argv: string[]): Promise<void> {
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
-  if (process.argv.includes('--peak-child')) runPeakMemoryChild(process.argv.slice(2).filter((a) => a !== '--peak-child'));
-  else
-    main(process.argv.slice(2)).catch((err: unknown) => {
-      process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
-      process.exit(1);
-    });
+  main(process.argv.slice(2)).catch((err: unknown) => {
+    process.stderr.write(`${(err as Error).stack ?? String(err)}\n`);
+    process.exit(1);
+  });
 }
