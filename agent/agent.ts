@@ -1,4 +1,5 @@
 import { mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { loadavg } from 'node:os';
 import {
   DesiredMessage,
@@ -340,7 +341,10 @@ export class Agent {
       checkIntervalMs: m.checkIntervalMs,
       delta: m.delta ? { offerTimeoutMs: m.deltaOfferTimeoutSec * 1000 } : null,
       report: (cls, type, body) => this.track(this.report(cls, type, body)),
-      onChange: () => this.reportedSoon(),
+      onChange: () => {
+        this.reportedSoon();
+        this.participant?.refreshPersonal();
+      },
       log: this.log.child({ component: 'models' }),
       feedback,
       reportSamples: cfg.learner.enabled,
@@ -354,7 +358,8 @@ export class Agent {
       };
       const samples = { count: (m: string) => feedback.sampleCount(m), load: (m: string, o: LoadSamplesOptions) => feedback.loadSamples(m, o) };
       const reject = (code: ErrorCode, kind: string, detail: Record<string, unknown>): void => this.rejects.reject(code, kind, detail);
-      this.participant = createParticipant({ manager, samples, config: cfg.learner, publish, reject, log: this.log.child({ component: 'learner' }) });
+      this.participant = createParticipant({ manager, samples, dir: join(cfg.stateDir, 'learner'), config: cfg.learner, publish, reject, log: this.log.child({ component: 'learner' }) });
+      this.participant.refreshPersonal();
     }
     if (cfg.api.enabled) {
       this.api = await startInferenceServer(manager, { host: cfg.api.host, port: cfg.api.port, socketPath: cfg.api.socketPath, maxBodyBytes: cfg.api.maxBodyBytes, log: this.log.child({ component: 'api' }) });

@@ -289,6 +289,23 @@ export const ModelSlotReport = z
     metrics: ServingMetrics.nullable().optional(),
     /** Labelled samples the device holds for federated learning (the count only: samples never leave it). */
     samples: z.number().int().nonnegative().optional(),
+    /**
+     * The device's personalized variant of the serving version (its own personal layers over the
+     * global weights), while it beats the global version on the device's holdout: the figures of
+     * that check. Absent: the global version serves as published.
+     */
+    personalized: z
+      .object({
+        version: ModelVersion,
+        layers: z.array(z.string().max(256)).max(256),
+        holdoutCount: z.number().int().min(0),
+        accuracy: z.number().min(0).max(1).nullable(),
+        globalAccuracy: z.number().min(0).max(1).nullable(),
+        loss: z.number().nonnegative(),
+        globalLoss: z.number().nonnegative(),
+      })
+      .strict()
+      .optional(),
   })
   .strict();
 export type ModelSlotReport = z.infer<typeof ModelSlotReport>;

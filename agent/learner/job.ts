@@ -112,8 +112,10 @@ export interface EvalJob {
   samples: SampleSet;
   keys: Int32Array;
   holdoutShare: number;
-  /** candidate − base, for the weights that travel. */
-  difference: BundleTensor[];
+  /** The candidate as candidate − base, for the weights that travel (a round's candidate)... */
+  difference?: BundleTensor[];
+  /** ...or as weights that replace the base's (a device's personal layers). */
+  replace?: Pick<NamedWeight, 'name' | 'data'>[];
   personal?: Pick<NamedWeight, 'name' | 'data'>[];
 }
 
@@ -127,7 +129,7 @@ export async function runEvalJob(job: EvalJob): Promise<EvalMetrics> {
     if (holdout.count === 0) throw new EdgefleetError('EF_TRAINING_FAILED', 'no holdout samples to evaluate on');
     const before = await evaluate(model, holdout, plan);
     const current = new Map(readWeights(model).map((w) => [w.name, w]));
-    const moved = job.difference.map((d) => {
+    const moved = job.replace ?? (job.difference ?? []).map((d) => {
       const w = current.get(d.name);
       if (!w || w.data.length !== d.data.length) throw new EdgefleetError('EF_TRAINING_FAILED', `the candidate's ${d.name} does not fit the base`);
       const data = new Float32Array(w.data.length);

@@ -20,6 +20,7 @@ import type { Logger } from '../../common/log.js';
 import { readGates, trippedGate, type GateLimits, type GateReading } from './gates.js';
 import type { EvalJob, TrainJob, TrainJobResult } from './job.js';
 import { evaluateInChild, trainInChild, type RunnerOptions } from './runner.js';
+import { Personalizer, type PersonalizerDeps } from './personal.js';
 import type { SampleSet } from './samples.js';
 
 /**
@@ -55,6 +56,8 @@ export interface ParticipantDeps {
   train?: (job: TrainJob, opts: RunnerOptions) => Promise<TrainJobResult>;
   /** Runs a federated evaluation; default in the child (evaluateInChild). */
   evaluate?: (job: EvalJob, deadlineAt: number, opts: RunnerOptions) => Promise<EvalMetrics>;
+  /** The device's personal layers: trained from, kept, and judged (personal.ts). None in the simulator. */
+  personalizer?: Personalizer;
   log: Logger;
   now?: () => number;
 }
@@ -68,6 +71,11 @@ export class Participant {
 
   get busy(): boolean {
     return this.current !== null;
+  }
+
+  /** The serving versions may have changed: the personal layers are judged against the new ones. */
+  refreshPersonal(): void {
+    void this.deps.personalizer?.refresh();
   }
 
   /** Stops whatever runs (the child is killed) and waits for it. */
@@ -136,11 +144,14 @@ export class Participant {
           baseManifestSha256: msg.baseManifestSha256,
           deadlineAt: msg.deadlineAt,
           seed: (msg.roundId * 2_654_435_761) >>> 0,
+          // Personal layers start from the device's own weights, carried over from round to round and version to version.
+          ...(this.deps.personalizer?.current(msg.model) ? { personal: this.deps.personalizer.current(msg.model)! } : {}),
         },
         this.runner(abort.signal),
       );
       if (abort.signal.aborted) return;
       await this.deps.publish('update', encodeFlFrame(FRAME_FL_UPDATE, result.bytes));
+      if (result.personal.length > 0) void this.deps.personalizer?.offer(msg.model, result.personal, msg.train.holdoutShare);
       this.deps.log.info({ round: msg.roundId, samples: result.meta.sampleCount, steps: result.meta.steps, stoppedBy: result.meta.stoppedBy, bytes: result.bytes.length }, 'federated update sent');
     } catch (err) {
       if (abort.signal.aborted) return;
@@ -153,9 +164,7 @@ export class Participant {
   }
 
   private load(base: TrainingBase, training: TrainingSpec): { set: SampleSet; keys: Int32Array } {
-    const input = training.input === undefined ? base.manifest.inputs[0]! : base.manifest.inputs.find((i) => i.name === training.input)!;
-    const output = training.output === undefined ? base.manifest.outputs[0]! : base.manifest.outputs.find((o) => o.name === training.output)!;
-    return this.deps.samples.load(base.manifest.name, { featureShape: input.shape.slice(1), loss: training.loss, labelWidth: Math.max(1, output.shape.at(-1) ?? 1) });
+    return holdoutSamples(this.deps.samples, base.manifest, training);
   }
 
   private async onCandidate(payload: Buffer): Promise<void> {
@@ -187,15 +196,27 @@ export class Participant {
 
 /** The agent's participant: its model manager's serving versions, its sample store, its link. */
 export function createParticipant(opts: {
-  manager: { trainingBase(name: string): TrainingBase | null };
+  manager: Omit<PersonalizerDeps['manager'], 'trainingBase'> & { trainingBase(name: string): (TrainingBase & { committed: boolean; personalized: boolean }) | null };
   samples: ParticipantDeps['samples'];
+  /** Where the personal layers' weights are kept. */
+  dir: string;
   config: { maxCpuLoad: number; maxTemperatureC: number; minBatteryPercent: number; gateIntervalSec: number };
   publish: ParticipantDeps['publish'];
   reject: NonNullable<ParticipantDeps['reject']>;
   log: Logger;
 }): Participant {
   const c = opts.config;
+  const gates = { maxCpuLoad: c.maxCpuLoad, maxTemperatureC: c.maxTemperatureC, minBatteryPercent: c.minBatteryPercent };
+  const personalizer = new Personalizer({
+    dir: opts.dir,
+    manager: opts.manager,
+    samples: (base, training) => holdoutSamples(opts.samples, base.manifest, training),
+    // No deadline of its own: a judgement is short; the grace is the limit.
+    evaluate: (job) => evaluateInChild(job, Date.now() + 600_000, { gates, gateIntervalMs: c.gateIntervalSec * 1000, graceMs: 0 }),
+    log: opts.log,
+  });
   return new Participant({
+    personalizer,
     serving: (model) => opts.manager.trainingBase(model),
     samples: opts.samples,
     publish: opts.publish,
@@ -204,4 +225,11 @@ export function createParticipant(opts: {
     reject: opts.reject,
     log: opts.log,
   });
+}
+
+/** The device's samples of a model, shaped for its training input and output. */
+function holdoutSamples(samples: ParticipantDeps['samples'], manifest: Manifest, training: TrainingSpec): { set: SampleSet; keys: Int32Array } {
+  const input = training.input === undefined ? manifest.inputs[0]! : manifest.inputs.find((i) => i.name === training.input)!;
+  const output = training.output === undefined ? manifest.outputs[0]! : manifest.outputs.find((o) => o.name === training.output)!;
+  return samples.load(manifest.name, { featureShape: input.shape.slice(1), loss: training.loss, labelWidth: Math.max(1, output.shape.at(-1) ?? 1) });
 }

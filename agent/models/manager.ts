@@ -17,7 +17,7 @@ import type { ModelManagerOptions, SlotContext } from './context.js';
 import { SlotState, newSlotState } from './lifecycle.js';
 import { afterRequest, checkProbation } from './probation.js';
 import { shadowRun } from './shadow.js';
-import { newSlot, retire, servingMetrics, type Slot } from './slot.js';
+import { newSlot, retire, servingMetrics, type PersonalVerdict, type Slot } from './slot.js';
 import { persist, recover } from './steps.js';
 import { ModelStore } from './store.js';
 import { enterSafeMode, holds, leaveSafeMode, localRollback, revert, rollBack } from './switch.js';
@@ -171,10 +171,41 @@ export class ModelManager implements ModelHost {
   }
 
   /** The version serving `name` as local training needs it: manifest, its signed sha256, its files. */
-  trainingBase(name: string): { manifest: Manifest; manifestSha256: string; dir: string } | null {
-    const run = this.slots.get(name)?.serving;
-    if (!run) return null;
-    return { manifest: run.signed.manifest, manifestSha256: manifestSha256(run.signed), dir: this.store.viewDir(name, run.version) };
+  trainingBase(name: string): { manifest: Manifest; manifestSha256: string; dir: string; committed: boolean; personalized: boolean } | null {
+    const slot = this.slots.get(name);
+    const run = slot?.serving;
+    if (!slot || !run) return null;
+    return {
+      manifest: run.signed.manifest,
+      manifestSha256: manifestSha256(run.signed),
+      dir: this.store.viewDir(name, run.version),
+      committed: slot.state.state === 'idle' && slot.state.serving === run.version,
+      personalized: run.personal !== undefined,
+    };
+  }
+
+  /**
+   * Serves the device's personalized variant of `name@version`: its personal layers' weights over
+   * the global ones, with the verdict of the check that chose it. `null` puts the global weights
+   * back. Only the committed version serving is personalized (a version on probation is judged as
+   * published); false when that is not `version`, or its runtime cannot take weights.
+   */
+  personalize(name: string, version: number, p: { weights: { name: string; data: Float32Array }[]; verdict: PersonalVerdict } | null): boolean {
+    const slot = this.slots.get(name);
+    const run = slot?.serving;
+    if (!slot || !run || run.version !== version || !run.model.weights) return false;
+    if (p === null) {
+      if (!run.personal) return true;
+      run.model.weights.write(run.personal.original);
+      delete run.personal;
+    } else {
+      if (slot.state.state !== 'idle' || slot.state.serving !== version) return false;
+      const original = run.personal?.original ?? run.model.weights.read(p.weights.map((w) => w.name));
+      run.model.weights.write(p.weights);
+      run.personal = { verdict: p.verdict, original };
+    }
+    this.opts.onChange?.();
+    return true;
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -252,6 +283,7 @@ export class ModelManager implements ModelHost {
         lastVerdict: s.lastVerdict,
         transfer: s.transfer,
         metrics: slot.serving ? servingMetrics(slot.serving) : null,
+        ...(slot.serving?.personal ? { personalized: slot.serving.personal.verdict } : {}),
         // Without a learner the device takes part in no round: no count, so the fleet never picks it.
         ...(this.opts.feedback && this.opts.reportSamples !== false ? { samples: this.opts.feedback.sampleCount(name) } : {}),
       };

@@ -1,4 +1,4 @@
-import type { ModelSlot, ServingMetrics, SignedManifest } from '../../proto/index.js';
+import type { ModelSlot, ModelSlotReport, ServingMetrics, SignedManifest } from '../../proto/index.js';
 import type { LoadedModel } from '../runtime/types.js';
 import type { LatencyRecord, Verdict, VersionStats } from './health.js';
 import type { SlotState } from './lifecycle.js';
@@ -12,7 +12,11 @@ export interface Running {
   /** Requests running on it now; a retired version is released when the last one ends. */
   inflight: number;
   retired: boolean;
+  /** A personalized variant: the check that let it serve, and the global weights it covers, to put back. */
+  personal?: { verdict: PersonalVerdict; original: { name: string; data: Float32Array }[] };
 }
+
+export type PersonalVerdict = NonNullable<ModelSlotReport['personalized']>;
 
 /** What the manager holds for one model: its persisted lifecycle state and what is loaded for it. */
 export interface Slot {

@@ -181,9 +181,40 @@ export async function loadTfjs(manifest: Manifest, dir: string): Promise<LoadedM
   };
 
   let disposed = false;
+  const layers = model instanceof tf.LayersModel ? model : null;
+  const byName = (): Map<string, Tfjs.LayerVariable> => new Map((layers?.weights ?? []).map((w) => [w.originalName, w]));
   return {
     manifest,
     backend,
+    ...(layers
+      ? {
+          weights: {
+            read(names: readonly string[]) {
+              const all = byName();
+              return names.map((name) => {
+                const v = all.get(name);
+                if (!v) throw new EdgefleetError('EF_RUNTIME_FAILED', `the model has no weight ${name}`);
+                return { name, data: Float32Array.from(v.read().dataSync() as Float32Array) };
+              });
+            },
+            write(weights: readonly { name: string; data: Float32Array }[]) {
+              const all = byName();
+              // Every name and size checked before anything is written: all or nothing.
+              const targets = weights.map((w) => {
+                const v = all.get(w.name);
+                const size = v?.shape.reduce<number>((a, b) => a * (b ?? 0), 1);
+                if (!v || size !== w.data.length) throw new EdgefleetError('EF_RUNTIME_FAILED', `weight ${w.name} is not in the model, or has another size`);
+                return [v, w.data] as const;
+              });
+              for (const [v, data] of targets) {
+                const t = tf.tensor(data, v.shape as number[], 'float32');
+                v.write(t);
+                t.dispose();
+              }
+            },
+          },
+        }
+      : {}),
     async run(inputs: TensorMap): Promise<TensorMap> {
       const xs: Tfjs.Tensor[] = [];
       let ys: Tfjs.Tensor[] = [];

@@ -19,4 +19,13 @@ export interface LoadedModel {
   /** Runs one request. Inputs are assumed already validated against the manifest's signature. */
   run(inputs: TensorMap): Promise<TensorMap>;
   dispose(): Promise<void>;
+  /**
+   * TF.js layers models only: reads and replaces weights by name (the weightsManifest's names), for
+   * a device's personalized variant. Replacing throws EF_RUNTIME_FAILED for an unknown name or a
+   * wrong size, and then changes nothing.
+   */
+  weights?: {
+    read(names: readonly string[]): { name: string; data: Float32Array }[];
+    write(weights: readonly { name: string; data: Float32Array }[]): void;
+  };
 }

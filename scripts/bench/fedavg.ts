@@ -33,7 +33,7 @@ function peakInChild(params: number, clients: number): Promise<PeakMemoryResult>
   const code = `import { runPeakMemoryChild } from ${JSON.stringify(entry)}; runPeakMemoryChild(process.argv.slice(1));`;
   return new Promise((resolve, reject) => {
     execFile(process.execPath, ['--input-type=module', '-e', code, '--', '--params', String(params), '--clients', String(clients)], (err, stdout) => {
-      if (err) return reject(err);
+      if (err) return reject(new Error(`peak-memory child: ${err.message}`));
       resolve(JSON.parse(stdout.trim().split('\n').at(-1) ?? '') as PeakMemoryResult);
     });
   });
