@@ -156,6 +156,12 @@ function modelLines(name: string, m: ModelSlotReport, desired: number | null): s
     `            stable ${m.history.join(', ') || '-'} · failed here ${m.failed.join(', ') || '-'} · fallback ${m.fallback ?? '-'}`,
   ];
   if (m.samples !== undefined) lines.push(`            ${m.samples} labelled sample${m.samples === 1 ? '' : 's'} held for federated rounds`);
+  const p = m.personalized;
+  if (p) {
+    const fig = (own: number | null, global: number | null, loss: number, gloss: number): string =>
+      own !== null && global !== null ? `accuracy ${(own * 100).toFixed(1)}% vs ${(global * 100).toFixed(1)}% global` : `loss ${loss.toFixed(4)} vs ${gloss.toFixed(4)} global`;
+    lines.push(`            personalized: own ${p.layers.join(', ')} over version ${p.version} · ${fig(p.accuracy, p.globalAccuracy, p.loss, p.globalLoss)} on ${p.holdoutCount} holdout rows`);
+  }
   const t = m.transfer;
   if (t) {
     const kib = (n: number): string => `${(n / 1024).toFixed(1)} KiB`;

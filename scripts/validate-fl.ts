@@ -4,7 +4,7 @@
  * partitioned label-skewed across simulated clients, each running the agent's training and update
  * code, folded by the fleet's strategies.
  *
- *   npm run validate:fl [-- --clients 50 --rounds 30 --quick]
+ *   npm run validate:fl [-- --clients 50 --rounds 50 --runs fedavg,attack,median,trimmed,clipped,dp --quick]
  *
  * Prints one line per run and, last, one JSON object: centralized accuracy on the pooled data;
  * FedAvg's; FedAvg's with 20 % of clients malicious; the robust strategies' under the same attack;
