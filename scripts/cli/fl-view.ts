@@ -6,9 +6,10 @@ import { EXIT, FINAL_ROUND_STATES, type FlSchedule, type RoundConfig, type Round
 import { ago, duration, pct, table, time } from './format.js';
 import { formatSelector } from './rollout.js';
 import { BAR_WIDTH, plural, progressBar } from './rollout-view.js';
+import { WATCH_INTERRUPTED, watchView, type WatchIo as WatchIoOf } from './watch.js';
 
 /** `fl watch` exit codes; 130 is the shell's convention for "interrupted by SIGINT". */
-export const WATCH_EXIT = { succeeded: EXIT.OK, failed: EXIT.CLI_ROUND_FAILED, interrupted: 130 } as const;
+export const WATCH_EXIT = { succeeded: EXIT.OK, failed: EXIT.CLI_ROUND_FAILED, interrupted: WATCH_INTERRUPTED } as const;
 
 /** The exit code a round in `state` ends a watch with; null while the round is still going. */
 export function watchExit(state: RoundState): number | null {
@@ -208,67 +209,20 @@ export function schedulesTable(schedules: readonly FlSchedule[], now = Date.now(
 // ---------------------------------------------------------------------------------------------
 // Watching
 
-export interface WatchIo {
-  show(): Promise<RoundView>;
-  stdout(text: string): void;
-  stderr(text: string): void;
-  /** Redraw in place (ANSI) when stdout is a terminal; otherwise print a block only when it changes. */
-  tty: boolean;
-  columns?: number | undefined;
-  json: boolean;
-  now(): number;
-  /** Resolves after `ms`, or at once when `signal` aborts. */
-  sleep(ms: number, signal: AbortSignal): Promise<void>;
-}
+export type WatchIo = WatchIoOf<RoundView>;
 
 /** Polls until the round ends (or `signal` aborts, e.g. on Ctrl-C) and returns the exit code. */
-export async function watchRound(io: WatchIo, intervalMs: number, signal: AbortSignal): Promise<number> {
-  const interrupted = new Promise<null>((resolve) => {
-    if (signal.aborted) resolve(null);
-    signal.addEventListener('abort', () => resolve(null), { once: true });
-  });
-  let last: string | null = null;
-  let seen: RoundView | null = null;
-  let drawnLines = 0;
-  if (io.tty && !io.json) io.stdout('\x1b[?25l');
-  try {
-    for (;;) {
-      const pending = io.show();
-      // Abandoned on Ctrl-C: its rejection (the client closing) is nobody's business then.
-      pending.catch(() => undefined);
-      const v = await Promise.race([pending, interrupted]);
-      if (v === null) break;
-      seen = v;
-      if (io.json) {
-        const key = JSON.stringify({ ...v, updatedAt: 0 });
-        if (key !== last) io.stdout(JSON.stringify(v) + '\n');
-        last = key;
-      } else if (io.tty) {
-        const cols = io.columns ?? 0;
-        const block = renderRoundWatch(v, io.now()).split('\n').map((l) => (cols > 1 && l.length >= cols ? l.slice(0, cols - 1) : l));
-        // Up to the first line of the previous block, then clear to the end of the screen (ECMA-48 CUU, ED).
-        io.stdout(`${drawnLines > 0 ? `\x1b[${drawnLines}A\r\x1b[J` : ''}${block.join('\n')}\n`);
-        drawnLines = block.length;
-      } else {
-        const block = renderRoundWatch(v);
-        if (block !== last) io.stdout(`${last === null ? '' : '\n'}${block}\n`);
-        last = block;
-      }
+export function watchRound(io: WatchIo, intervalMs: number, signal: AbortSignal): Promise<number> {
+  return watchView(io, intervalMs, signal, {
+    key: (v) => JSON.stringify({ ...v, updatedAt: 0 }),
+    render: (v, now) => renderRoundWatch(v, now),
+    finish: (v, out) => {
       const code = watchExit(v.state);
       if (code === WATCH_EXIT.succeeded) {
-        if (!io.json) io.stdout(`round ${v.id} succeeded${v.candidate ? `: candidate ${v.model}@${v.candidate.version} (${v.candidate.status})${v.candidate.rolloutId === null ? '' : `, rollout ${v.candidate.rolloutId} started`}` : ''}\n`);
-        return code;
-      }
-      if (code !== null) {
-        io.stderr(`edgefleet: round ${v.id} ${v.state}${v.reason ? `: ${v.reason}` : ''}\n`);
-        return code;
-      }
-      await io.sleep(intervalMs, signal);
-      if (signal.aborted) break;
-    }
-  } finally {
-    if (io.tty && !io.json) io.stdout('\x1b[?25h');
-  }
-  io.stderr(`edgefleet: stopped watching${seen ? ` round ${seen.id} (${seen.state}); it carries on without you (edgefleet fl abort ${seen.id} stops it)` : ''}\n`);
-  return WATCH_EXIT.interrupted;
+        if (!out.json) out.stdout(`round ${v.id} succeeded${v.candidate ? `: candidate ${v.model}@${v.candidate.version} (${v.candidate.status})${v.candidate.rolloutId === null ? '' : `, rollout ${v.candidate.rolloutId} started`}` : ''}\n`);
+      } else if (code !== null) out.stderr(`edgefleet: round ${v.id} ${v.state}${v.reason ? `: ${v.reason}` : ''}\n`);
+      return code;
+    },
+    stopped: (seen) => (seen ? ` round ${seen.id} (${seen.state}); it carries on without you (edgefleet fl abort ${seen.id} stops it)` : ''),
+  });
 }

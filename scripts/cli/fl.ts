@@ -1,11 +1,11 @@
 import { readFileSync } from 'node:fs';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { EXIT, EdgefleetError, RoundConfig, StrategySpec } from '../../proto/index.js';
 import type { OpsClient } from '../ops-client.js';
 import { duration, time } from './format.js';
 import { parseRef, type CommandContext } from './model.js';
 import { parseSelector } from './rollout.js';
 import { WATCH_EXIT, headline, renderRoundStatus, renderStarted, roundsTable, schedulesTable, strategyText, watchRound } from './fl-view.js';
+import { processWatchIo } from './watch.js';
 
 /**
  * `fl`: federated learning rounds and their schedules. The round config is built and checked here
@@ -195,16 +195,7 @@ async function follow(ctx: FlContext, c: OpsClient, id: number): Promise<number>
   process.once('SIGINT', onSigint);
   try {
     return await watchRound(
-      {
-        show: () => c.call('fl.show', { id }),
-        stdout: (t) => process.stdout.write(t),
-        stderr: (t) => process.stderr.write(t),
-        tty: process.stdout.isTTY === true,
-        columns: process.stdout.columns,
-        json: ctx.flags.json === true,
-        now: Date.now,
-        sleep: (ms, signal) => sleep(ms, undefined, { signal }).catch(() => undefined),
-      },
+      processWatchIo(() => c.call('fl.show', { id }), ctx.flags.json === true),
       intervalSec * 1000,
       ac.signal,
     );

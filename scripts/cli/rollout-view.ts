@@ -16,9 +16,10 @@ import {
 } from '../../proto/index.js';
 import { ago, duration, pct, table, time } from './format.js';
 import { formatSelector } from './rollout.js';
+import { WATCH_INTERRUPTED, watchView, type WatchIo as WatchIoOf } from './watch.js';
 
 /** `rollout watch` exit codes; 130 is the shell's convention for "interrupted by SIGINT". */
-export const WATCH_EXIT = { succeeded: EXIT.OK, failed: EXIT.CLI_ROLLOUT_FAILED, interrupted: 130 } as const;
+export const WATCH_EXIT = { succeeded: EXIT.OK, failed: EXIT.CLI_ROLLOUT_FAILED, interrupted: WATCH_INTERRUPTED } as const;
 // ---------------------------------------------------------------------------------------------
 // Rendering
 
@@ -174,69 +175,25 @@ export function renderWatch(v: RolloutView, now?: number, width = BAR_WIDTH): st
 // ---------------------------------------------------------------------------------------------
 // Watching
 
-export interface WatchIo {
-  show(): Promise<RolloutView>;
-  stdout(text: string): void;
-  stderr(text: string): void;
-  /** Redraw in place (ANSI) when stdout is a terminal; otherwise print a block only when it changes. */
-  tty: boolean;
-  columns?: number | undefined;
-  json: boolean;
-  now(): number;
-  /** Resolves after `ms`, or at once when `signal` aborts. */
-  sleep(ms: number, signal: AbortSignal): Promise<void>;
-}
+export type WatchIo = WatchIoOf<RolloutView>;
 
 /** Polls until the rollout ends (or `signal` aborts, e.g. on Ctrl-C) and returns the exit code. */
-export async function watchRollout(io: WatchIo, intervalMs: number, signal: AbortSignal): Promise<number> {
-  const interrupted = new Promise<null>((resolve) => {
-    if (signal.aborted) resolve(null);
-    signal.addEventListener('abort', () => resolve(null), { once: true });
+export function watchRollout(io: WatchIo, intervalMs: number, signal: AbortSignal): Promise<number> {
+  return watchView(io, intervalMs, signal, {
+    key: (v) => JSON.stringify({ ...v, status: { ...v.status, updatedAt: 0 } }),
+    render: (v, now) => renderWatch(v, now),
+    finish: (v, out) => {
+      if (!FINAL_ROLLOUT_STATES.includes(v.status.state)) return null;
+      if (v.status.state === 'succeeded') {
+        if (!out.json) out.stdout(`rollout ${v.id} succeeded: ${v.name}@${v.version} on ${v.status.total.serving} device(s)\n`);
+        return WATCH_EXIT.succeeded;
+      }
+      const r = v.status.revert;
+      out.stderr(`edgefleet: rollout ${v.id} ${v.status.state}${v.status.reason ? `: ${v.status.reason}` : ''}${r ? ` (${r.reverted}/${r.devices} reverted so far)` : ''}\n`);
+      return WATCH_EXIT.failed;
+    },
+    stopped: (seen) => (seen ? ` rollout ${seen.id} (${seen.status.state}); it carries on without you` : ''),
   });
-  let last: string | null = null;
-  let seen: RolloutView | null = null;
-  let drawnLines = 0;
-  if (io.tty && !io.json) io.stdout('\x1b[?25l');
-  try {
-    for (;;) {
-      const pending = io.show();
-      // Abandoned on Ctrl-C: its rejection (the client closing) is nobody's business then.
-      pending.catch(() => undefined);
-      const v = await Promise.race([pending, interrupted]);
-      if (v === null) break;
-      seen = v;
-      if (io.json) {
-        const key = JSON.stringify({ ...v, status: { ...v.status, updatedAt: 0 } });
-        if (key !== last) io.stdout(JSON.stringify(v) + '\n');
-        last = key;
-      } else if (io.tty) {
-        const cols = io.columns ?? 0;
-        const block = renderWatch(v, io.now()).split('\n').map((l) => (cols > 1 && l.length >= cols ? l.slice(0, cols - 1) : l));
-        // Up to the first line of the previous block, then clear to the end of the screen (ECMA-48 CUU, ED).
-        io.stdout(`${drawnLines > 0 ? `\x1b[${drawnLines}A\r\x1b[J` : ''}${block.join('\n')}\n`);
-        drawnLines = block.length;
-      } else {
-        const block = renderWatch(v);
-        if (block !== last) io.stdout(`${last === null ? '' : '\n'}${block}\n`);
-        last = block;
-      }
-      if (FINAL_ROLLOUT_STATES.includes(v.status.state)) {
-        if (v.status.state === 'succeeded') {
-          if (!io.json) io.stdout(`rollout ${v.id} succeeded: ${v.name}@${v.version} on ${v.status.total.serving} device(s)\n`);
-          return WATCH_EXIT.succeeded;
-        }
-        const r = v.status.revert;
-        io.stderr(`edgefleet: rollout ${v.id} ${v.status.state}${v.status.reason ? `: ${v.status.reason}` : ''}${r ? ` (${r.reverted}/${r.devices} reverted so far)` : ''}\n`);
-        return WATCH_EXIT.failed;
-      }
-      await io.sleep(intervalMs, signal);
-      if (signal.aborted) break;
-    }
-  } finally {
-    if (io.tty && !io.json) io.stdout('\x1b[?25h');
-  }
-  io.stderr(`edgefleet: stopped watching${seen ? ` rollout ${seen.id} (${seen.status.state}); it carries on without you` : ''}\n`);
-  return WATCH_EXIT.interrupted;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 import { readFileSync } from 'node:fs';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { ERRORS, EdgefleetError, RolloutPlan, Selector } from '../../proto/index.js';
 import { table, time } from './format.js';
 import { parseRef, type CommandContext } from './model.js';
 import { headline, planSummary, plural, renderStatus, watchRollout } from './rollout-view.js';
+import { processWatchIo } from './watch.js';
 
 /**
  * `rollout`, `safe-mode` and `devices tag`: staged rollouts, the brake that holds them, and the tags
@@ -166,16 +166,7 @@ async function watch(ctx: RolloutContext, id: number): Promise<number> {
   try {
     return await ctx.withClient((c) =>
       watchRollout(
-        {
-          show: () => c.call('rollouts.show', { id }),
-          stdout: (t) => process.stdout.write(t),
-          stderr: (t) => process.stderr.write(t),
-          tty: process.stdout.isTTY === true,
-          columns: process.stdout.columns,
-          json: ctx.flags.json === true,
-          now: Date.now,
-          sleep: (ms, signal) => sleep(ms, undefined, { signal }).catch(() => undefined),
-        },
+        processWatchIo(() => c.call('rollouts.show', { id }), ctx.flags.json === true),
         intervalSec * 1000,
         ac.signal,
       ),

@@ -144,3 +144,26 @@ export function serving(agent: Agent, model: string, version: number): boolean {
   const s = agent.models.slotState(model);
   return s?.state === 'idle' && s.serving === version;
 }
+
+export const IRIS_TRAINING = { loss: 'sparse-categorical-crossentropy', outputKind: 'probabilities', personalLayers: [] as string[] } as const;
+
+/**
+ * An iris variant as a model devices may train (a `training` section), with a probation that
+ * commits at once, optionally promoted to `production` (a round's default base).
+ */
+export async function publishTrainable(
+  fleet: ModelFleet,
+  variant: IrisVariant = 'wrong',
+  opts: { training?: Partial<typeof IRIS_TRAINING>; production?: boolean } = {},
+): Promise<{ version: number; manifestSha256: string }> {
+  const models = await irisModels();
+  const v = await publishModel(fleet, models[variant].dir, {
+    ...irisPublish({ probationRequests: 0, probationSec: 0 }),
+    edit: (d) => void (d.training = { ...IRIS_TRAINING, ...opts.training }),
+  });
+  if (opts.production) {
+    await fleet.admin.call('models.setStatus', { name: 'iris', version: v.version, status: 'approved' });
+    await fleet.admin.call('models.setStatus', { name: 'iris', version: v.version, status: 'production' });
+  }
+  return { version: v.version, manifestSha256: v.manifestSha256 };
+}

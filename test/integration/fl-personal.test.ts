@@ -5,7 +5,7 @@ import type { ModelSlotReport } from '../../proto/index.js';
 import type { Agent } from '../../agent/agent.js';
 import { irisSamples } from '../../scripts/train-iris.js';
 import { waitFor } from '../helpers/fleet.js';
-import { assign, irisModels, irisPublish, publishModel, serving, startModelAgent, startModelFleet, type ModelFleet } from '../helpers/models.js';
+import { assign, publishTrainable, serving, startModelAgent, startModelFleet, type ModelFleet } from '../helpers/models.js';
 
 /**
  * Personal layers on a real agent: the iris `wrong` variant with its output layer marked personal.
@@ -19,13 +19,8 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-const TRAINING = { loss: 'sparse-categorical-crossentropy' as const, outputKind: 'probabilities' as const, personalLayers: ['probabilities'] };
-
-async function publishWrong(fleet: ModelFleet): Promise<number> {
-  const { wrong } = await irisModels();
-  const v = await publishModel(fleet, wrong.dir, { ...irisPublish({ probationRequests: 0, probationSec: 0 }), edit: (d) => void (d.training = TRAINING) });
-  return v.version;
-}
+const publish = async (fleet: ModelFleet, variant: 'wrong' | 'good' = 'wrong'): Promise<number> =>
+  (await publishTrainable(fleet, variant, { training: { personalLayers: ['probabilities'] } })).version;
 
 function personalized(agent: Agent): ModelSlotReport['personalized'] {
   return agent.models.report().iris?.personalized;
@@ -35,7 +30,7 @@ describe('personal layers', { timeout: 240_000 }, () => {
   it('stay on the device, serve while they beat the global weights, carry over to the next version, and are dropped when they do worse', async () => {
     const fleet = await startModelFleet();
     cleanups.push(() => fleet.stop());
-    const v1 = await publishWrong(fleet);
+    const v1 = await publish(fleet);
     const { agent, stateDir } = await startModelAgent(fleet, { deviceId: 'personal-0', learner: { maxCpuLoad: 1 } });
     cleanups.push(() => agent.stop());
     await assign(fleet, 'iris', v1, ['personal-0']);
@@ -64,14 +59,13 @@ describe('personal layers', { timeout: 240_000 }, () => {
     await waitFor('the fleet sees it', () => fleet.server.fleetStore.reported.get('personal-0')?.doc.models.iris?.personalized?.version === v1, 30_000);
 
     // The same weights as a new global version: the personal layer fits, is judged again, and carries over.
-    const v2 = await publishWrong(fleet);
+    const v2 = await publish(fleet);
     await assign(fleet, 'iris', v2, ['personal-0']);
     await waitFor('personalized on v2', () => personalized(agent)?.version === v2, 60_000);
 
     // A new global version the personal layer does worse on (the well-trained `good` variant, whose
     // hidden features the personal head was not trained on): dropped, and the global version serves as published.
-    const { good } = await irisModels();
-    const v3 = (await publishModel(fleet, good.dir, { ...irisPublish({ probationRequests: 0, probationSec: 0 }), edit: (d) => void (d.training = TRAINING) })).version;
+    const v3 = await publish(fleet, 'good');
     await assign(fleet, 'iris', v3, ['personal-0']);
     await waitFor('serving v3', () => serving(agent, 'iris', v3), 60_000);
     const file = join(stateDir, 'learner', 'iris.personal');

@@ -5,7 +5,7 @@ import { FRAME_FL_UPDATE, Manifest, defaultDesiredDoc, encodeBundle, encodeFlFra
 import type { Agent } from '../../agent/agent.js';
 import { irisSamples } from '../../scripts/train-iris.js';
 import { addDevice, waitFor, type Credential } from '../helpers/fleet.js';
-import { assign, irisModels, irisPublish, publishModel, serving, startModelAgent, startModelFleet, type ModelFleet } from '../helpers/models.js';
+import { assign, publishTrainable, serving, startModelAgent, startModelFleet, type ModelFleet } from '../helpers/models.js';
 
 /**
  * Federated rounds end to end: a fleet with its embedded broker, three real agents serving the
@@ -28,13 +28,7 @@ interface Setup {
 async function setup(devices = 3): Promise<Setup> {
   const fleet = await startModelFleet();
   cleanups.push(() => fleet.stop());
-  const { wrong } = await irisModels();
-  const base = await publishModel(fleet, wrong.dir, {
-    ...irisPublish({ probationRequests: 0, probationSec: 0 }),
-    edit: (d) => void (d.training = { loss: 'sparse-categorical-crossentropy', outputKind: 'probabilities', personalLayers: [] }),
-  });
-  await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'approved' });
-  await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'production' });
+  const base = await publishTrainable(fleet, 'wrong', { production: true });
   const agents: Setup['agents'] = [];
   for (let i = 0; i < devices; i++) {
     // The CPU gate off: the test machine is busy with the test itself (and the other agents' training).
@@ -62,13 +56,7 @@ async function setup(devices = 3): Promise<Setup> {
 async function forgedSetup(devices = 3): Promise<{ fleet: ModelFleet; clients: { id: string; client: mqtt.MqttClient }[] }> {
   const fleet = await startModelFleet();
   cleanups.push(() => fleet.stop());
-  const { wrong } = await irisModels();
-  const base = await publishModel(fleet, wrong.dir, {
-    ...irisPublish({ probationRequests: 0, probationSec: 0 }),
-    edit: (d) => void (d.training = { loss: 'sparse-categorical-crossentropy', outputKind: 'probabilities', personalLayers: [] }),
-  });
-  await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'approved' });
-  await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'production' });
+  const base = await publishTrainable(fleet, 'wrong', { production: true });
   const clients: { id: string; client: mqtt.MqttClient }[] = [];
   for (let i = 0; i < devices; i++) {
     const id = `forged-${i}`;

@@ -2,7 +2,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { Manifest, type RoundView } from '../../proto/index.js';
 import { SimFleet, deviceIds, type FlActivity } from '../../scripts/sim/fleet.js';
 import { cleanup, onCleanup, tempDir, waitFor } from '../helpers/fleet.js';
-import { irisModels, irisPublish, publishModel, startModelFleet, type ModelFleet } from '../helpers/models.js';
+import { publishTrainable, startModelFleet, type ModelFleet } from '../helpers/models.js';
 
 /**
  * Simulated devices in a real federated round: a fleet with its embedded broker and artifact
@@ -26,13 +26,7 @@ async function until(fleet: ModelFleet, id: number, done: (v: RoundView) => bool
 describe('simulated devices in a federated round', { timeout: 300_000 }, () => {
   it('join, train, send updates and evaluate the candidate, which is registered with its lineage', async () => {
     const fleet = await startModelFleet();
-    const { wrong } = await irisModels();
-    const base = await publishModel(fleet, wrong.dir, {
-      ...irisPublish({ probationRequests: 0, probationSec: 0 }),
-      edit: (d) => void (d.training = { loss: 'sparse-categorical-crossentropy', outputKind: 'probabilities', personalLayers: [] }),
-    });
-    await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'approved' });
-    await fleet.admin.call('models.setStatus', { name: 'iris', version: base.version, status: 'production' });
+    const base = await publishTrainable(fleet, 'wrong', { production: true });
 
     const scenario = { devices: DEVICES, prefix: 'flsim' };
     const ids = deviceIds(scenario);
