@@ -1,8 +1,6 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { Readable } from 'node:stream';
 import { join } from 'node:path';
-import type {
-  CandidateMeta} from '../../proto/index.js';
 import {
   FRAME_FL_CANDIDATE,
   FRAME_FL_UPDATE,
@@ -11,6 +9,7 @@ import {
   encodeFlFrame,
   modelRef,
   topics,
+  type CandidateMeta,
   type ModelDraftInput,
   type RoundView,
 } from '../../proto/index.js';

@@ -1,7 +1,5 @@
 import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import type {
-  FlDownMessage} from '../../proto/index.js';
 import {
   EdgefleetError,
   FlUpMessage,
@@ -12,6 +10,7 @@ import {
   modelRef,
   summarizeIssues,
   topics,
+  type FlDownMessage,
   type RoundConfigInput,
   type RoundView,
   type Selector,
