@@ -4,7 +4,7 @@
  * partitioned label-skewed across simulated clients, each running the agent's training and update
  * code, folded by the fleet's strategies.
  *
- *   npm run validate:fl [-- --clients 50 --rounds 50 --runs fedavg,attack,median,trimmed,clipped,dp --quick]
+ *   npm run validate:fl [-- --clients 50 --rounds 50 --runs fedavg,q8,attack,median,trimmed,clipped,dp --quick]
  *
  * Prints one line per run and, last, one JSON object: centralized accuracy on the pooled data;
  * FedAvg's; FedAvg's with 20 % of clients malicious; the robust strategies' under the same attack;
@@ -54,7 +54,7 @@ async function main(argv: string[]): Promise<void> {
       alpha: { type: 'string', default: '0.5' },
       epochs: { type: 'string', default: '2' },
       lr: { type: 'string', default: '0.05' },
-      runs: { type: 'string', default: 'fedavg,attack,median,trimmed,dp' },
+      runs: { type: 'string', default: 'fedavg,q8,attack,median,trimmed,clipped,dp' },
       'server-momentum': { type: 'string', default: '0.9' },
       quick: { type: 'boolean', default: false },
     },
@@ -73,7 +73,7 @@ async function main(argv: string[]): Promise<void> {
     dpDelta: 1e-5,
   };
   if (![opts.clients, opts.rounds, opts.perRound, opts.seed, opts.dpEpsilon].every((x) => Number.isFinite(x) && x > 0) || opts.perRound > opts.clients) {
-    process.stderr.write('usage: validate-fl [--clients N] [--rounds R] [--per-round K] [--seed S] [--epsilon E] [--partition dirichlet|shards] [--alpha A] [--epochs E] [--lr X] [--server-momentum M] [--runs fedavg,attack,median,trimmed,clipped,dp] [--quick]\n');
+    process.stderr.write('usage: validate-fl [--clients N] [--rounds R] [--per-round K] [--seed S] [--epsilon E] [--partition dirichlet|shards] [--alpha A] [--epochs E] [--lr X] [--server-momentum M] [--runs fedavg,q8,attack,median,trimmed,clipped,dp] [--quick]\n');
     process.exit(EXIT.USAGE);
   }
   const { tf, backend } = await loadTf();
@@ -109,13 +109,14 @@ async function main(argv: string[]): Promise<void> {
   disposeTfModel(central);
   log(`centralized   ${pct(centralizedAcc)}  (${pooled.count} rows, 20 epochs, ${((performance.now() - t0) / 1000).toFixed(1)} s)`);
 
-  const run = async (label: string, strategy: StrategySpec, population: SimClient[]): Promise<number> => {
+  let quantError: number | null = null;
+  const run = async (label: string, strategy: StrategySpec, population: SimClient[], spec = local): Promise<number> => {
     const model = await fresh();
     const start = performance.now();
     const infos = await runFederated(model, PLAN, population, {
       rounds: opts.rounds,
       perRound: opts.perRound,
-      spec: local,
+      spec,
       strategy,
       serverOptimizer: { name: 'sgd', learningRate: 1, momentum: num(values['server-momentum']) },
       seed: opts.seed,
@@ -123,11 +124,15 @@ async function main(argv: string[]): Promise<void> {
     const acc = await testAcc(model);
     disposeTfModel(model);
     const last = infos.at(-1)!;
+    const q = infos.filter((i) => i.meanQuantizationError !== null);
+    if (q.length > 0) quantError = q.reduce((a, i) => a + i.meanQuantizationError!, 0) / q.length;
     log(`${label.padEnd(13)} ${pct(acc)}  (${((performance.now() - start) / 1000).toFixed(1)} s; last round: ${last.updates} updates, ${last.rejected} rejected, mean update norm ${last.meanNormBeforeClip.toFixed(2)})`);
     return acc;
   };
 
   const fedavgAcc = runs.has('fedavg') ? await run('fedavg', { name: 'fedavg' }, honest) : NaN;
+  // The same run with 8-bit updates (stochastic rounding): what the quarter-size updates cost.
+  const q8Acc = runs.has('q8') ? await run('fedavg q8', { name: 'fedavg' }, honest, { ...local, encoding: 'q8' }) : NaN;
   const attackedAcc = runs.has('attack') ? await run('fedavg+attack', { name: 'fedavg' }, attacked) : NaN;
   const robust: Record<string, number> = {};
   if (runs.has('median')) robust.median = await run('median+attack', { name: 'median' }, attacked);
@@ -158,6 +163,8 @@ async function main(argv: string[]): Promise<void> {
     fedavg_acc: round4(fedavgAcc),
     attacked_fedavg_acc: round4(attackedAcc),
     malicious_share: opts.maliciousShare,
+    q8_acc: round4(q8Acc),
+    q8_relative_error: quantError === null ? null : round4(quantError),
     robust_acc: round4(bestAcc),
     robust_strategy: bestName,
     robust_all: Object.fromEntries(Object.entries(robust).map(([k, v]) => [k, round4(v)])),

@@ -47,6 +47,8 @@ export interface RoundInfo {
   updates: number;
   rejected: number;
   meanNormBeforeClip: number;
+  /** Mean relative error 8-bit updates carried (‖q(x) − x‖ / ‖x‖, as the devices report it); null for float32 updates. */
+  meanQuantizationError: number | null;
   meanAccuracyBefore: number;
   meanAccuracyAfter: number;
 }
@@ -89,6 +91,8 @@ export async function runFederated(model: Tfjs.LayersModel, plan: TrainingPlan, 
     const fold = strategy.begin(size);
     let rejected = 0;
     let normSum = 0;
+    let quantSum = 0;
+    let quantN = 0;
     let accBefore = 0;
     let accAfter = 0;
     for (const c of chosen) {
@@ -128,6 +132,10 @@ export async function runFederated(model: Tfjs.LayersModel, plan: TrainingPlan, 
       }
       fold.add({ delta: flatten(bundle.tensors, size), samples: m.sampleCount });
       normSum += m.normBeforeClip;
+      if (m.quantizationError !== undefined) {
+        quantSum += m.quantizationError;
+        quantN++;
+      }
       accBefore += before.accuracy ?? 0;
       accAfter += after.accuracy ?? 0;
     }
@@ -137,7 +145,7 @@ export async function runFederated(model: Tfjs.LayersModel, plan: TrainingPlan, 
     serverState = step.state;
     global = unflatten(step.weights, global);
     writeWeights(tf, model, global);
-    const info = { updates: n, rejected, meanNormBeforeClip: normSum / n, meanAccuracyBefore: accBefore / n, meanAccuracyAfter: accAfter / n };
+    const info = { updates: n, rejected, meanNormBeforeClip: normSum / n, meanQuantizationError: quantN ? quantSum / quantN : null, meanAccuracyBefore: accBefore / n, meanAccuracyAfter: accAfter / n };
     infos.push(info);
     await cfg.onRound?.(round, info);
   }

@@ -112,7 +112,8 @@ const config = (over: Record<string, unknown> = {}): Record<string, unknown> => 
 describe('federated rounds with real agents', { timeout: 240_000 }, () => {
   it('trains on the devices, evaluates on their holdouts and registers a better candidate with its lineage', async () => {
     const { fleet, base } = await setup();
-    const started = await fleet.admin.call('fl.start', { config: config() });
+    // A passing candidate goes straight into a rollout of one wave.
+    const started = await fleet.admin.call('fl.start', { config: config({ rollout: { plan: { steps: [{ type: 'wave', percent: 100 }] } } }) });
     expect(started.state).toBe('collecting');
     expect(started.counts).toMatchObject({ eligible: 3, invited: 3 });
     const done = await until(fleet, started.id, (v) => v.state === 'succeeded' || v.state === 'failed');
@@ -131,6 +132,8 @@ describe('federated rounds with real agents', { timeout: 240_000 }, () => {
     expect(manifest.lineage.metrics!.participants).toBe(3);
     expect(manifest.lineage.metrics!.evalAccuracy).toBeCloseTo(ev.candidateAccuracy!, 6);
     expect(manifest.golden.vectors.length).toBeGreaterThan(0);
+    const rollout = await fleet.admin.call('rollouts.show', { id: done.candidate!.rolloutId! });
+    expect(rollout).toMatchObject({ name: 'iris', version });
   });
 
   it('fails cleanly when the quorum cannot be met, and says why', async () => {

@@ -104,6 +104,9 @@ function syncSuite(name: string, target: BrokerTarget, skip = false): void {
       const cred = await addDevice(fleet, id);
       const { agent } = await startAgent(cred, { protocolVersion, url: target.kind === 'external' ? target.url : undefined });
       await applied(agent, 1);
+      // Its report of version 1 stored first: one still in flight after the change would be behind
+      // version 2 when it arrives, and the fleet would (rightly) send the whole document again.
+      await waitFor('fleet has the report of version 1', async () => (await fleet.admin.call('devices.show', { deviceId: id })).reportedVersion === 1);
       const observer = await fleetSideClient(fleet, target);
       const res = await fleet.admin.call('desired.set', { deviceId: id, patch: [{ op: 'replace', path: '/agent/reportIntervalSec', value: 60 }] });
       expect(res.version).toBe(2);
