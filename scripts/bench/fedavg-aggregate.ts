@@ -43,7 +43,10 @@ export interface PeakMemoryResult {
   clients: number;
   /** RSS before the fold's buffers existed. */
   baselineRssMB: number;
-  /** max(RSS sampled after every add, the kernel's maxRSS for the process). */
+  /**
+   * The largest RSS sampled after every add. Not the kernel's maxRSS: Linux carries it over from
+   * the parent across fork and exec, so a child of a large process reported its parent's size.
+   */
   peakRssMB: number;
   foldMs: number;
 }
@@ -161,7 +164,7 @@ export function peakMemoryOfFedAvg(opts: BenchOptions): PeakMemoryResult {
   }
   f.finish();
   const foldMs = performance.now() - t0;
-  peak = Math.max(peak, process.memoryUsage.rss(), process.resourceUsage().maxRSS * 1024);
+  peak = Math.max(peak, process.memoryUsage.rss());
   return { params, clients, baselineRssMB: baselineRss / MB, peakRssMB: peak / MB, foldMs };
 }
 

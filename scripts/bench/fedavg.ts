@@ -43,14 +43,14 @@ async function main(argv: string[]): Promise<void> {
   const { values } = parseArgs({ args: argv, options: { quick: { type: 'boolean', default: false }, params: { type: 'string' }, clients: { type: 'string' } } });
   const params = Number(values.params ?? (values.quick ? 1 << 18 : 1 << 20));
   const clients = Number(values.clients ?? (values.quick ? 20 : 100));
-  log(`throughput: ${clients} updates of ${params} floats`);
-  const t = benchThroughput({ params, clients, seed: 1, repeats: values.quick ? 3 : 5 });
-  log(`  sum loop ${t.sumLoopMs.toFixed(1)} ms, fedavg ${t.fedavgMs.toFixed(1)} ms, median ${t.medianMs.toFixed(1)} ms, trimmed ${t.trimmedMs.toFixed(1)} ms`);
   const peaks: Record<number, PeakMemoryResult> = {};
   for (const n of values.quick ? [10, 100] : [10, 100, 1000]) {
     peaks[n] = await peakInChild(params, n);
     log(`  peak RSS with ${n} clients: ${peaks[n].peakRssMB.toFixed(1)} MB`);
   }
+  log(`throughput: ${clients} updates of ${params} floats`);
+  const t = benchThroughput({ params, clients, seed: 1, repeats: values.quick ? 3 : 5 });
+  log(`  sum loop ${t.sumLoopMs.toFixed(1)} ms, fedavg ${t.fedavgMs.toFixed(1)} ms, median ${t.medianMs.toFixed(1)} ms, trimmed ${t.trimmedMs.toFixed(1)} ms`);
   log('inference p99, idle and while training');
   const infer = await benchInferenceWhileTraining({ blockSec: values.quick ? 3 : 8, intervalMs: 10 });
   log(`  idle p99 ${infer.idle_p99_ms} ms, training p99 ${infer.training_p99_ms} ms (${infer.training_steps} training steps meanwhile)`);
