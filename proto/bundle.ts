@@ -370,3 +370,27 @@ function readFloat32(bytes: Uint8Array, at: number, n: number): Float32Array {
   }
   return out;
 }
+
+/**
+ * The `meta` of a bundle read from its header alone, without the tensors or the checksum: a
+ * receiver routes a payload (which round is it for?) before the full check, which needs the
+ * route's answer. Never throws; null when the header cannot be read.
+ */
+export function peekBundleMeta(bytes: Uint8Array): Record<string, unknown> | null {
+  if (bytes.length < BUNDLE_HDR.header) return null;
+  const len = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getUint32(BUNDLE_HDR.headerBytes, true);
+  if (len > BUNDLE_MAX_HEADER_BYTES || BUNDLE_HDR.header + len > bytes.length) return null;
+  try {
+    const header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(BUNDLE_HDR.header, BUNDLE_HDR.header + len))) as { meta?: unknown };
+    return typeof header.meta === 'object' && header.meta !== null && !Array.isArray(header.meta) ? (header.meta as Record<string, unknown>) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The joint L2 norm of a set of tensors (a federated update's, as its norm bound judges it). */
+export function tensorsL2Norm(tensors: readonly { data: Float32Array }[]): number {
+  let s = 0;
+  for (const t of tensors) for (let i = 0; i < t.data.length; i++) s += t.data[i]! * t.data[i]!;
+  return Math.sqrt(s);
+}

@@ -3,7 +3,7 @@ import { ModelName, ModelVersion } from './model.js';
 import { RolloutPlan, Selector } from './rollout.js';
 import { BINARY_FRAME_MAGIC } from './codec.js';
 import { EdgefleetError } from './errors.js';
-import { decodeBundle, type Bundle, type BundleLimits } from './bundle.js';
+import { decodeBundle, peekBundleMeta, type Bundle, type BundleLimits } from './bundle.js';
 
 /**
  * Federated learning: what a round asks of a device (TrainSpec), what the device sends back (a
@@ -324,6 +324,12 @@ export function encodeFlFrame(type: typeof FRAME_FL_UPDATE | typeof FRAME_FL_CAN
   out[2] = FL_FRAME_VERSION;
   out.set(bundle, 3);
   return out;
+}
+
+/** The bundle meta of a frame of `type`, from its header alone (see peekBundleMeta); null when unreadable. */
+export function peekFlFrameMeta(type: typeof FRAME_FL_UPDATE | typeof FRAME_FL_CANDIDATE, payload: Uint8Array): Record<string, unknown> | null {
+  if (payload.length < 3 || payload[0] !== BINARY_FRAME_MAGIC || payload[1] !== type || payload[2] !== FL_FRAME_VERSION) return null;
+  return peekBundleMeta(payload.subarray(3));
 }
 
 /**

@@ -57,6 +57,12 @@ function cpuMicros(): number {
  * lowering only the main thread left the collection of training's garbage at normal priority, and
  * inference p99 six times its idle value. Threads started later inherit from their creator.
  */
+/** An error as the parent rebuilds it: code, message, and the details that say what kind it is. */
+function errorMessage(err: unknown): ChildToParent {
+  if (isEdgefleetError(err)) return { type: 'error', code: err.code, message: err.message, details: err.details };
+  return { type: 'error', code: 'EF_TRAINING_FAILED', message: err instanceof Error ? err.message : String(err) };
+}
+
 function lowerPriority(niceness: number): void {
   let tids: number[] = [0];
   try {
@@ -78,7 +84,7 @@ async function evaluateJob(job: EvalJob, niceness: number): Promise<void> {
   try {
     await send({ type: 'evaluated', metrics: await runEvalJob(job) });
   } catch (err) {
-    await send({ type: 'error', code: isEdgefleetError(err) ? err.code : 'EF_TRAINING_FAILED', message: err instanceof Error ? err.message : String(err) });
+    await send(errorMessage(err));
   }
   process.exit(EXIT.OK);
 }
@@ -100,8 +106,7 @@ async function run(job: TrainJob, niceness: number, gates: ChildGates): Promise<
     });
     await send({ type: 'result', ...result });
   } catch (err) {
-    const code = isEdgefleetError(err) ? err.code : 'EF_TRAINING_FAILED';
-    await send({ type: 'error', code, message: err instanceof Error ? err.message : String(err) });
+    await send(errorMessage(err));
   }
   process.exit(EXIT.OK);
 }

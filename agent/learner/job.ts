@@ -5,7 +5,7 @@ import { loadTf } from '../runtime/backends.js';
 import { dirLoadHandler, disposeTfModel } from '../runtime/tfjs.js';
 import { splitHoldout, type SampleSet } from './samples.js';
 import { evaluate, trainLocally, trainingPlan, type StopReason } from './train.js';
-import { packUpdate, readWeights, weightDelta, writeWeights, type NamedWeight } from './update.js';
+import { WEIGHTS_MISMATCH, packUpdate, readWeights, weightDelta, writeWeights, type NamedWeight } from './update.js';
 
 /**
  * One round's work on a device, start to finish: load the base version, put the device's personal
@@ -131,7 +131,7 @@ export async function runEvalJob(job: EvalJob): Promise<EvalMetrics> {
     const current = new Map(readWeights(model).map((w) => [w.name, w]));
     const moved = job.replace ?? (job.difference ?? []).map((d) => {
       const w = current.get(d.name);
-      if (!w || w.data.length !== d.data.length) throw new EdgefleetError('EF_TRAINING_FAILED', `the candidate's ${d.name} does not fit the base`);
+      if (!w || w.data.length !== d.data.length) throw new EdgefleetError('EF_TRAINING_FAILED', `the candidate's ${d.name} does not fit the base`, { details: WEIGHTS_MISMATCH });
       const data = new Float32Array(w.data.length);
       for (let i = 0; i < data.length; i++) data[i] = w.data[i]! + d.data[i]!;
       return { name: d.name, data };

@@ -21,6 +21,7 @@ import { readGates, trippedGate, type GateLimits, type GateReading } from './gat
 import type { EvalJob, TrainJob, TrainJobResult } from './job.js';
 import { evaluateInChild, trainInChild, type RunnerOptions } from './runner.js';
 import { Personalizer, type PersonalizerDeps } from './personal.js';
+import { trainingFeatureShape } from './sample-store.js';
 import type { SampleSet } from './samples.js';
 
 /**
@@ -132,6 +133,7 @@ export class Participant {
     this.current = { roundId: msg.roundId, abort };
     try {
       const { set, keys } = this.load(base, training);
+      const personal = this.deps.personalizer?.current(msg.model) ?? null;
       await this.send({ kind: 'join', roundId: msg.roundId, sampleCount: set.count });
       const result = await (this.deps.train ?? trainInChild)(
         {
@@ -145,7 +147,7 @@ export class Participant {
           deadlineAt: msg.deadlineAt,
           seed: (msg.roundId * 2_654_435_761) >>> 0,
           // Personal layers start from the device's own weights, carried over from round to round and version to version.
-          ...(this.deps.personalizer?.current(msg.model) ? { personal: this.deps.personalizer.current(msg.model)! } : {}),
+          ...(personal ? { personal } : {}),
         },
         this.runner(abort.signal),
       );
@@ -229,7 +231,6 @@ export function createParticipant(opts: {
 
 /** The device's samples of a model, shaped for its training input and output. */
 function holdoutSamples(samples: ParticipantDeps['samples'], manifest: Manifest, training: TrainingSpec): { set: SampleSet; keys: Int32Array } {
-  const input = training.input === undefined ? manifest.inputs[0]! : manifest.inputs.find((i) => i.name === training.input)!;
   const output = training.output === undefined ? manifest.outputs[0]! : manifest.outputs.find((o) => o.name === training.output)!;
-  return samples.load(manifest.name, { featureShape: input.shape.slice(1), loss: training.loss, labelWidth: Math.max(1, output.shape.at(-1) ?? 1) });
+  return samples.load(manifest.name, { featureShape: trainingFeatureShape(manifest) ?? [], loss: training.loss, labelWidth: Math.max(1, output.shape.at(-1) ?? 1) });
 }

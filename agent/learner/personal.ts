@@ -5,6 +5,7 @@ import { writeFileAtomic } from '../../common/files.js';
 import type { Logger } from '../../common/log.js';
 import type { PersonalVerdict } from '../models/slot.js';
 import type { EvalJob } from './job.js';
+import { isWeightsMismatch } from './update.js';
 import type { SampleSet } from './samples.js';
 
 /**
@@ -102,7 +103,7 @@ export class Personalizer {
       // Shapes that no longer fit (the new global version changed the layer), or no holdout to judge on.
       this.deps.log.info({ model, version, err: isEdgefleetError(err) ? err.message : String(err) }, 'personal weights do not carry over; the global version serves');
       this.judged.set(model, version);
-      if (isEdgefleetError(err) && /does not fit|not in the base|has no weight/.test(err.message)) this.drop(model, version);
+      if (isWeightsMismatch(err)) this.drop(model, version);
       return;
     }
     const beats = m.candidateAccuracy !== null && m.baseAccuracy !== null ? m.candidateAccuracy >= m.baseAccuracy : m.candidateLoss <= m.baseLoss;

@@ -23,7 +23,7 @@ export type ChildToParent =
   | { type: 'progress'; steps: number; cpuMicros: number }
   | ({ type: 'result' } & TrainJobResult)
   | { type: 'evaluated'; metrics: EvalMetrics }
-  | { type: 'error'; code: ErrorCode; message: string };
+  | { type: 'error'; code: ErrorCode; message: string; details?: unknown };
 
 export interface RunnerOptions {
   gates: GateLimits;
@@ -113,7 +113,7 @@ function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, dead
       } else if (m.type === 'result' || m.type === 'evaluated') {
         outcome ??= { ok: true, value: m };
       } else if (m.type === 'error') {
-        outcome ??= { ok: false, err: new EdgefleetError(m.code, m.message) };
+        outcome ??= { ok: false, err: new EdgefleetError(m.code, m.message, { details: m.details }) };
       }
     });
     child.on('close', (code, signal) => {

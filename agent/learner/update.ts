@@ -1,5 +1,5 @@
 import type * as Tfjs from '@tensorflow/tfjs';
-import { EdgefleetError, encodeBundle, dequantizeQ8, quantizeQ8, type BundleTensor, type UpdateMeta } from '../../proto/index.js';
+import { EdgefleetError, encodeBundle, isEdgefleetError, tensorsL2Norm, dequantizeQ8, quantizeQ8, type BundleTensor, type UpdateMeta } from '../../proto/index.js';
 import { normalSampler } from '../../common/random.js';
 
 /**
@@ -15,6 +15,13 @@ export interface NamedWeight {
   layer: string;
   shape: number[];
   data: Float32Array;
+}
+
+/** `details` of an error about weights that do not fit the model (names or sizes): they will never fit it. */
+export const WEIGHTS_MISMATCH = { reason: 'weights-mismatch' } as const;
+
+export function isWeightsMismatch(err: unknown): boolean {
+  return isEdgefleetError(err) && (err.details as { reason?: unknown } | undefined)?.reason === WEIGHTS_MISMATCH.reason;
 }
 
 /** A copy of the model's weights, in model order. */
@@ -34,9 +41,9 @@ export function writeWeights(tf: typeof Tfjs, model: Tfjs.LayersModel, weights: 
   for (const w of model.weights) byName.set(w.originalName, w);
   for (const w of weights) {
     const v = byName.get(w.name);
-    if (!v) throw new EdgefleetError('EF_TRAINING_FAILED', `the model has no weight ${w.name}`);
+    if (!v) throw new EdgefleetError('EF_TRAINING_FAILED', `the model has no weight ${w.name}`, { details: WEIGHTS_MISMATCH });
     const size = v.shape.reduce<number>((a, b) => a * (b ?? 0), 1);
-    if (size !== w.data.length) throw new EdgefleetError('EF_TRAINING_FAILED', `weight ${w.name} has ${size} values, ${w.data.length} given`);
+    if (size !== w.data.length) throw new EdgefleetError('EF_TRAINING_FAILED', `weight ${w.name} has ${size} values, ${w.data.length} given`, { details: WEIGHTS_MISMATCH });
     const t = tf.tensor(w.data, v.shape as number[], 'float32');
     v.write(t);
     t.dispose();
@@ -59,15 +66,12 @@ export function weightDelta(after: readonly NamedWeight[], base: readonly NamedW
   return out;
 }
 
-export function l2Norm(tensors: readonly { data: Float32Array }[]): number {
-  let s = 0;
-  for (const t of tensors) for (let i = 0; i < t.data.length; i++) s += t.data[i]! * t.data[i]!;
-  return Math.sqrt(s);
-}
+/** The joint L2 norm of the tensors that travel: what a round's `clipNorm` bounds. */
+export { tensorsL2Norm as l2Norm };
 
 /** Scales the tensors, together, down to `clipNorm` when their joint L2 norm is above it. */
 export function clipToNorm(tensors: BundleTensor[], clipNorm: number): { normBeforeClip: number; clipped: boolean } {
-  const norm = l2Norm(tensors);
+  const norm = tensorsL2Norm(tensors);
   if (norm <= clipNorm) return { normBeforeClip: norm, clipped: false };
   // A hair under the bound, so float32 rounding cannot leave the result just above it.
   const k = (clipNorm / norm) * (1 - 1e-6);

@@ -8,6 +8,7 @@ import {
   encodeBundle,
   encodeFlFrame,
   modelRef,
+  tensorsL2Norm,
   topics,
   type CandidateMeta,
   type ModelDraftInput,
@@ -19,6 +20,7 @@ import { strategyFor } from './strategy.js';
 import { serverStep, fromBytes as decodeServerState, toBytes as encodeServerState } from './server-opt.js';
 import { epsilon } from './privacy.js';
 import { candidateGolden } from './golden.js';
+import { writeModelWeights } from './weights.js';
 import { judgeEvaluation, localMeans, quorumReason } from './rounds.js';
 import type { RoundBase, RoundServiceDeps } from './service.js';
 
@@ -126,8 +128,7 @@ export class RoundFinisher {
       for (let j = 0; j < s.size; j++) d[j] = step.weights[o + j]! - base.weights.flat[o + j]!;
       return { name: s.name, shape: s.shape, data: d };
     });
-    let norm = 0;
-    for (const t of tensors) for (const v of t.data) norm += v * v;
+    const norm = tensorsL2Norm(tensors);
     const t = now();
     const e = cfg.evaluation;
     const evalDeadlineAt = t + e.deadlineSec * 1000;
@@ -142,13 +143,13 @@ export class RoundFinisher {
       info.noiseMultiplier = cfg.strategy.noiseMultiplier;
       info.samplingRate = Math.min(1, row.status.counts.invited / Math.max(1, row.status.counts.eligible));
     }
-    row.status.aggregate = { updateNorm: Math.sqrt(norm), info };
+    row.status.aggregate = { updateNorm: norm, info };
     row.status.privacy = this.privacy(row);
     store.transaction(() => {
       for (const d of evalIds) store.fl.putParticipant({ roundId: id, role: 'eval', deviceId: d, state: 'invited', detail: null, samples: null, metrics: null, at: t });
       store.fl.updateRound(id, { ...row, state: 'evaluating', evalDeadlineAt, updatedAt: t });
     });
-    log.info({ round: id, updates: updated.length, norm: Math.sqrt(norm), evaluators: evalIds.length }, 'federated round aggregated; evaluating');
+    log.info({ round: id, updates: updated.length, norm: norm, evaluators: evalIds.length }, 'federated round aggregated; evaluating');
     await Promise.all(evalIds.map((d) => this.deps.publish(topics.down(d, 'candidate'), frame, { qos: 1, retain: false }).catch(() => undefined)));
   }
 
@@ -176,9 +177,7 @@ export class RoundFinisher {
     const bytes = readFileSync(join(this.dir(id), 'candidate.f32'));
     const weights = new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
     const manifest = base.signed.manifest;
-    const weightSpecs = base.weights.specs.map((s) => ({ name: s.name, shape: s.shape, dtype: 'float32' }));
-    const modelJson = Buffer.from(JSON.stringify({ ...base.weights.modelJson, weightsManifest: [{ paths: ['weights.bin'], weights: weightSpecs }] }));
-    const weightsBin = Buffer.from(weights.buffer, weights.byteOffset, weights.byteLength);
+    const { modelJson, weightsBin } = writeModelWeights(base.weights, weights);
     const files = [];
     for (const [path, data] of [['model.json', modelJson], ['weights.bin', weightsBin]] as const) {
       const sha256 = sha256Hex(data);

@@ -1,4 +1,4 @@
-import { FRAME_FL_UPDATE, UpdateMeta, decodeFlFrame, isEdgefleetError, type Bundle, type UpdateRejection } from '../../proto/index.js';
+import { FRAME_FL_UPDATE, UpdateMeta, decodeFlFrame, isEdgefleetError, tensorsL2Norm, type Bundle, type UpdateRejection } from '../../proto/index.js';
 import type { FlParticipantRow, FlRoundRow } from '../store/types.js';
 import type { WeightSpec } from './weights.js';
 
@@ -55,9 +55,7 @@ export function checkUpdate(payload: Uint8Array, ctx: IntakeContext): Intake {
       return no('wrong-tensors', `tensor ${i} is ${t.name} [${t.shape.join(',')}], expected ${s.name} [${s.shape.join(',')}]`);
     }
   }
-  let sq = 0;
-  for (const t of bundle.tensors) for (let i = 0; i < t.data.length; i++) sq += t.data[i]! * t.data[i]!;
-  const norm = Math.sqrt(sq);
+  const norm = tensorsL2Norm(bundle.tensors);
   const bound = round.config.train.clipNorm;
   if (norm > bound * (1 + NORM_SLACK)) return no('norm-above-bound', `norm ${norm.toPrecision(4)} over the bound ${bound}`);
   return { ok: true, meta: m, bundle, norm };

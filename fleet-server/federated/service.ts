@@ -2,12 +2,14 @@ import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   EdgefleetError,
+  FRAME_FL_UPDATE,
   FlUpMessage,
   MAX_PAYLOAD_BYTES,
   RoundConfig,
   decodeJson,
   encodeJson,
   modelRef,
+  peekFlFrameMeta,
   summarizeIssues,
   topics,
   type FlDownMessage,
@@ -107,18 +109,23 @@ export class RoundService {
     return row;
   }
 
+  /** The round's base (manifest, weights, the weights that travel), read once per round. */
   base(row: Pick<FlRoundRow, 'id' | 'model' | 'baseVersion'>): RoundBase {
     let b = this.bases.get(row.id);
     if (!b) {
-      const version = this.deps.registry.get(row.model, row.baseVersion);
-      const signed = this.deps.registry.signed(version);
-      const manifest = signed.manifest;
-      if (!manifest.training) throw new EdgefleetError('EF_MODEL_INVALID', `${modelRef(row.model, row.baseVersion)} has no training section: devices cannot train it`);
-      const weights = readModelWeights(manifest, (f) => this.deps.blobs.pathOf(f.sha256));
-      b = { signed, sha256: version.manifestSha256, weights, shared: sharedSpecs(weights.specs, manifest.training.personalLayers) };
+      b = this.loadBase(row.model, row.baseVersion);
       this.bases.set(row.id, b);
     }
     return b;
+  }
+
+  private loadBase(model: string, baseVersion: number): RoundBase {
+    const version = this.deps.registry.get(model, baseVersion);
+    const signed = this.deps.registry.signed(version);
+    const manifest = signed.manifest;
+    if (!manifest.training) throw new EdgefleetError('EF_MODEL_INVALID', `${modelRef(model, baseVersion)} has no training section: devices cannot train it`);
+    const weights = readModelWeights(manifest, (f) => this.deps.blobs.pathOf(f.sha256));
+    return { signed, sha256: version.manifestSha256, weights, shared: sharedSpecs(weights.specs, manifest.training.personalLayers) };
   }
 
   view(id: number): RoundView {
@@ -141,8 +148,7 @@ export class RoundService {
     const active = store.fl.listRounds({ model: cfg.model, active: true, limit: 1 })[0];
     if (active) throw new EdgefleetError('EF_ROUND_CONFLICT', `round ${active.id} of ${cfg.model} is still ${active.state}`);
     const t = now();
-    const base = this.base({ id: -1, model: cfg.model, baseVersion });
-    this.bases.delete(-1);
+    const base = this.loadBase(cfg.model, baseVersion);
     const devices: DeviceLook[] = store.devices.list().map((d) => ({ id: d.id, tags: d.tags, online: d.presence === 'online', reported: store.reported.get(d.id)?.doc ?? null }));
     const eligible = eligibleDevices(devices, cfg, baseVersion, base.sha256, `${cfg.model}:${t}`);
     const k = inviteCount(eligible.length, cfg.selection);
@@ -394,18 +400,8 @@ export class RoundService {
   }
 }
 
-/** The round id from an update frame's bundle meta, without decoding the tensors; null if unreadable. */
+/** The round id an update frame names, from its header alone; null if unreadable. */
 function peekRoundId(payload: Uint8Array): number | null {
-  // Frame (3 bytes), then the bundle: magic, version, flags, reserved (8), header length (4), header JSON.
-  if (payload.length < 15) return null;
-  const view = new DataView(payload.buffer, payload.byteOffset, payload.byteLength);
-  const len = view.getUint32(11, true);
-  if (len > 64 * 1024 || 15 + len > payload.length) return null;
-  try {
-    const header = JSON.parse(Buffer.from(payload.buffer, payload.byteOffset + 15, len).toString('utf8')) as { meta?: { roundId?: unknown } };
-    const id = header.meta?.roundId;
-    return typeof id === 'number' && Number.isSafeInteger(id) && id > 0 ? id : null;
-  } catch {
-    return null;
-  }
+  const id = peekFlFrameMeta(FRAME_FL_UPDATE, payload)?.roundId;
+  return typeof id === 'number' && Number.isSafeInteger(id) && id > 0 ? id : null;
 }
