@@ -170,8 +170,11 @@ export class FleetServer {
       this.rejects,
       (deviceId, ack) => this.publish(topics.down(deviceId, 'ack'), encodeJson(ack), { qos: 1, retain: false }),
       this.now,
-      (deviceId, msg) => rollouts.reported(deviceId, msg),
-      (deviceId, kind, payload) => rounds.handle(deviceId, kind, payload),
+      {
+        reported: (deviceId, msg) => rollouts.reported(deviceId, msg),
+        presence: (deviceId, online) => rollouts.presence(deviceId, online),
+        federated: (deviceId, kind, payload) => rounds.handle(deviceId, kind, payload),
+      },
     );
     const ops = new OpsDispatcher(
       store,

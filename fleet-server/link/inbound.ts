@@ -20,6 +20,15 @@ import { WriteBatcher } from '../store/batch.js';
 
 const SCHEMAS = { status: StatusMessage, facts: FactsMessage, reported: ReportedMessage, resync: ResyncMessage } as const;
 
+export interface InboundHooks {
+  /** Told of every report once it is stored (rollouts and safe mode judge from them). */
+  reported?: (deviceId: string, msg: ReportedMessage) => void;
+  /** Told of every presence change once it is stored (rollouts enlist online devices first). */
+  presence?: (deviceId: string, online: boolean) => void;
+  /** Federated-learning traffic (`up/fl`, `up/update`): parsed by the round service, which alone knows what a round expects. */
+  federated?: (deviceId: string, kind: 'fl' | 'update', payload: Buffer) => Promise<void>;
+}
+
 /**
  * Everything devices send upstream. Each payload is parsed against its schema before anything
  * else sees it; a message that fails is counted against its device and dropped, never stored.
@@ -36,10 +45,7 @@ export class DeviceInbound {
     /** Sends a telemetry acknowledgement to a device (`down/ack`). */
     private readonly ack: (deviceId: string, ack: TelemetryAck) => Promise<void>,
     private readonly now: () => number = Date.now,
-    /** Told of every report once it is stored (rollouts and safe mode judge from them). */
-    private readonly onReported: (deviceId: string, msg: ReportedMessage) => void = () => undefined,
-    /** Federated-learning traffic (`up/fl`, `up/update`): parsed by the round service, which alone knows what a round expects. */
-    private readonly federated: (deviceId: string, kind: 'fl' | 'update', payload: Buffer) => Promise<void> = () => Promise.resolve(),
+    private readonly hooks: InboundHooks = {},
   ) {
     this.writes = new WriteBatcher(store);
   }
@@ -65,7 +71,7 @@ export class DeviceInbound {
         this.store.devices.addRejected(deviceId, 1);
         return;
       }
-      return this.federated(deviceId, kind, payload);
+      return this.hooks.federated?.(deviceId, kind, payload);
     }
     const decoded = kind === 'telemetry' ? decodeTelemetryBatch(payload, MAX_PAYLOAD_BYTES.telemetry) : decodeJson(SCHEMAS[kind], payload, MAX_PAYLOAD_BYTES[kind]);
     if (!decoded.ok) {
@@ -101,7 +107,7 @@ export class DeviceInbound {
       if (!decoded.ok) this.rejects.reject(decoded.error.code, deviceId, { kind: 'reported', message: decoded.error.message.slice(0, 200) });
       return;
     }
-    this.onReported(deviceId, decoded.value);
+    this.hooks.reported?.(deviceId, decoded.value);
     await this.desired.resyncIfBehind(deviceId, decoded.value.desiredVersion, outcome.desiredVersion);
   }
 
@@ -116,7 +122,10 @@ export class DeviceInbound {
           this.store.devices.setPresence(deviceId, msg.state, msg.session, at);
           return true;
         });
-        if (applied) this.log.info({ deviceId, state: msg.state, session: msg.session }, 'device presence');
+        if (applied) {
+          this.log.info({ deviceId, state: msg.state, session: msg.session }, 'device presence');
+          this.hooks.presence?.(deviceId, msg.state === 'online');
+        }
         return;
       }
       case 'facts':

@@ -52,6 +52,8 @@ export interface DeviceObservation {
   rank: string;
   selected: boolean;
   safeMode: boolean;
+  /** Connected now (its last presence message said online): waves take online devices first. */
+  online: boolean;
   /** The fleet's desired-state version of the device, and the slot of the rollout's model in it. */
   desiredVersion: number;
   desired: ModelSlot | null;
@@ -371,8 +373,10 @@ export function reconcile(spec: RolloutSpecData, prev: RolloutStatus, obs: Obser
         }
         s.state = 'paused';
         s.verdict = 'inconclusive';
-        s.reason = `inconclusive: after ${cur.timeoutSec} s only ${done} of ${memberCount} device(s) reported (${cur.minAppliedShare * 100} % needed); approve to go on, resume to wait again, or abort`;
-        actions.push({ kind: 'audit', action: 'rollout.inconclusive', detail: { step: s.step, done, members: memberCount } });
+        const away = members.filter((d) => !d.online && standings.get(d.id) === 'pending').length;
+        const offlineNote = away > 0 ? `, ${away} of those waiting offline` : '';
+        s.reason = `inconclusive: after ${cur.timeoutSec} s only ${done} of ${memberCount} device(s) reported (${cur.minAppliedShare * 100} % needed${offlineNote}); approve to go on, resume to wait again, or abort`;
+        actions.push({ kind: 'audit', action: 'rollout.inconclusive', detail: { step: s.step, done, members: memberCount, offline: away } });
       }
       break;
     }
@@ -416,7 +420,12 @@ export function reconcile(spec: RolloutSpecData, prev: RolloutStatus, obs: Obser
   return finish(prev, s, actions, now);
 }
 
-/** Enlists devices up to `wanted`, in the rollout's stable order; returns how many. */
+/**
+ * Enlists devices up to `wanted`, in the rollout's stable order with the devices online now first;
+ * returns how many. Online first: a canary of ten with one device that is switched off would wait
+ * out its timeout and pause for nothing, and a wave's figures come only from devices that answer.
+ * An offline device is taken once no online one is left, and catches up when it returns.
+ */
 function enlist(
   spec: RolloutSpecData,
   s: RolloutStatus,
@@ -428,7 +437,9 @@ function enlist(
 ): number {
   const need = wanted - memberCount;
   if (need <= 0) return 0;
-  const candidates = selected.filter((d) => d.member === null && !d.safeMode).sort((a, b) => (a.rank < b.rank ? -1 : a.rank > b.rank ? 1 : 0));
+  const candidates = selected
+    .filter((d) => d.member === null && !d.safeMode)
+    .sort((a, b) => (a.online !== b.online ? (a.online ? -1 : 1) : a.rank < b.rank ? -1 : a.rank > b.rank ? 1 : 0));
   let n = 0;
   for (const d of candidates.slice(0, need)) {
     // A device already told to run the version by hand keeps, as its way back, the last other version it committed.

@@ -30,6 +30,8 @@ interface DeviceView {
   /** Raised on every change, so a rollout's observation of the device is rebuilt only when it moved. */
   rev: number;
   tags: string[];
+  /** Connected now, as its presence messages say. */
+  online: boolean;
   desiredVersion: number;
   doc: DesiredDoc;
   report: Pick<ReportedMessage, 'desiredVersion' | 'models'> | null;
@@ -122,6 +124,7 @@ export class RolloutService {
         id: d.id,
         rev: 0,
         tags: d.tags,
+        online: d.presence === 'online',
         desiredVersion: desired?.version ?? 0,
         doc: desired?.doc ?? defaultDesiredDoc(),
         report: reported ? { desiredVersion: reported.doc.desiredVersion, models: reported.doc.models } : null,
@@ -157,7 +160,7 @@ export class RolloutService {
   // What the rest of the fleet tells it
 
   deviceAdded(id: string, tags: readonly string[], row: DesiredRow): void {
-    this.devices.set(id, { id, rev: 0, tags: [...tags], desiredVersion: row.version, doc: row.doc, report: null });
+    this.devices.set(id, { id, rev: 0, tags: [...tags], online: false, desiredVersion: row.version, doc: row.doc, report: null });
   }
 
   deviceRemoved(id: string): void {
@@ -170,6 +173,14 @@ export class RolloutService {
       d.tags = [...tags];
       d.rev++;
     }
+    this.schedule();
+  }
+
+  presence(deviceId: string, online: boolean): void {
+    const d = this.devices.get(deviceId);
+    if (!d || d.online === online) return;
+    d.online = online;
+    d.rev++;
     this.schedule();
   }
 
@@ -417,6 +428,7 @@ export class RolloutService {
       rank,
       selected,
       safeMode: d.doc.safeMode === true,
+      online: d.online,
       desiredVersion: d.desiredVersion,
       desired: d.doc.models[t.spec.name] ?? null,
       member,

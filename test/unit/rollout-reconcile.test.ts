@@ -22,13 +22,15 @@ function metrics(version: number, o: Partial<ServingMetrics> = {}): ServingMetri
 function fleet(n: number, behaviour: (i: number) => FakeDevice['behaviour'] = () => 'healthy'): FakeDevice[] {
   return Array.from({ length: n }, (_, i) => {
     const id = `dev-${String(i).padStart(5, '0')}`;
+    const b = behaviour(i);
     return {
-      behaviour: behaviour(i),
+      behaviour: b,
       obs: {
         id,
         rank: hashRank(id),
         selected: true,
         safeMode: false,
+        online: b !== 'offline',
         desiredVersion: 2,
         desired: { version: 1 },
         member: null,
@@ -173,12 +175,31 @@ describe('rollout reconciler', () => {
     const r = drive(spec(plan), half, initialStatus(0), 0, 20);
     expect(r.status.state).toBe('paused');
     expect(r.status.verdict).toBe('inconclusive');
-    expect(r.status.reason).toMatch(/5 of 10/);
+    expect(r.status.reason).toMatch(/5 of 10 .*5 of those waiting offline/);
     // The offline devices come back and report: a resume starts the step again and it completes.
-    for (const d of half) d.behaviour = 'healthy';
+    for (const d of half) {
+      d.behaviour = 'healthy';
+      d.obs.online = true;
+    }
     devicesReport(half);
     const resumed = command(spec(plan), r.status, 'resume', 'op', undefined, { now: 1e6, devices: half.map((d) => d.obs) });
     expect(resumed.status.state).toBe('succeeded');
+  });
+
+  it('takes online devices first, so a canary is never a device that is switched off; offline ones go in the last wave', () => {
+    const plan = RolloutPlan.parse({ steps: [{ type: 'wave', count: 1 }, { type: 'wave', percent: 50 }, { type: 'wave', percent: 100, timeoutSec: 60, minAppliedShare: 0.5 }] });
+    const ranked = fleet(20).sort((a, b) => (a.obs.rank < b.obs.rank ? -1 : 1));
+    // The first five in the rollout's order are away.
+    const away = new Set(ranked.slice(0, 5).map((d) => d.obs.id));
+    const devices = fleet(20, (i) => (away.has(`dev-${String(i).padStart(5, '0')}`) ? 'offline' : 'healthy'));
+    const first = reconcile(spec(plan), initialStatus(0), { now: 0, devices: devices.map((d) => d.obs) });
+    const canary = first.actions.flatMap((a) => (a.kind === 'enlist' ? [a.deviceId] : []));
+    expect(canary).toEqual([ranked[5]?.obs.id]);
+    const { status, decisions } = drive(spec(plan), devices, initialStatus(0), 0, 20);
+    expect(status.state).toBe('succeeded');
+    const waveOf = new Map(decisions.flatMap((d) => d.actions.flatMap((a) => (a.kind === 'enlist' ? [[a.deviceId, a.wave] as const] : []))));
+    expect([...away].map((id) => waveOf.get(id))).toEqual([3, 3, 3, 3, 3]);
+    expect(status.waves.map((w) => w.pending)).toEqual([0, 0, 5]);
   });
 
   it('counts and ignores reports that contradict the fleet state', () => {
