@@ -20,6 +20,7 @@ export type ParentToChild =
   | { type: 'eval'; job: EvalJob; niceness: number; gates: ChildGates }
   | { type: 'stop'; reason: StopReason };
 export type ChildToParent =
+  | { type: 'started'; pid: number; niceness: number }
   | { type: 'progress'; steps: number; cpuMicros: number }
   | ({ type: 'result' } & TrainJobResult)
   | { type: 'evaluated'; metrics: EvalMetrics }
@@ -42,6 +43,8 @@ export interface RunnerOptions {
   readGates?: () => Promise<GateReading>;
   clock?: () => number;
   onProgress?: (steps: number) => void;
+  /** Once the child runs at its priority: its pid and niceness. */
+  onStarted?: (child: { pid: number; niceness: number }) => void;
   /** Aborting kills the child at once (SIGKILL): the round was aborted, or the agent is stopping. */
   signal?: AbortSignal;
 }
@@ -104,7 +107,9 @@ function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, dead
     child.stderr?.setEncoding('utf8');
     child.stderr?.on('data', (c: string) => (stderr = (stderr + c).slice(-2000)));
     child.on('message', (m: ChildToParent) => {
-      if (m.type === 'progress') {
+      if (m.type === 'started') {
+        opts.onStarted?.({ pid: m.pid, niceness: m.niceness });
+      } else if (m.type === 'progress') {
         const now = performance.now();
         // The child's share of all cores since its last report: its own load, not the device's.
         if (now > lastCpu.at) trainingShare = (m.cpuMicros - lastCpu.micros) / 1000 / (now - lastCpu.at) / cores;

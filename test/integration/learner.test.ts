@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { decodeBundle, Manifest, TrainSpec, UpdateMeta, type TrainingSpec } from '../../proto/index.js';
 import { runTrainJob, type TrainJob } from '../../agent/learner/job.js';
@@ -112,7 +113,20 @@ describe('the training child', () => {
   it('trains at low priority and hands back the same kind of update', async () => {
     const { wrong } = await irisModels();
     let progress = 0;
-    const result = await trainInChild(job(wrong), runner({ onProgress: (n) => (progress = n) }));
+    // What the kernel says of the child while it runs, not what the child says of itself.
+    let nice: number | null = null;
+    const result = await trainInChild(
+      job(wrong),
+      runner({
+        onProgress: (n) => (progress = n),
+        onStarted: (c) => {
+          // /proc/<pid>/stat after the command's closing parenthesis: nice is field 19.
+          const fields = readFileSync(`/proc/${c.pid}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ');
+          nice = Number(fields[16]);
+        },
+      }),
+    );
+    expect(nice).toBe(19);
     expect(UpdateMeta.parse(result.meta).stoppedBy).toBe('done');
     expect(result.bytes).toBeInstanceOf(Uint8Array);
     expect(decodeBundle(result.bytes).tensors).toHaveLength(4);
