@@ -26,6 +26,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { compiledEntry } from '../common/compiled.js';
 import { silentLogger } from '../common/log.js';
 import { ServerConfig } from '../fleet-server/config.js';
 import { FleetServer } from '../fleet-server/server.js';
@@ -681,9 +682,7 @@ export async function modelsCrashLoop(opts: ModelsCrashOptions, agentMain = dist
 }
 
 function distAgent(): string {
-  // Run from dist/scripts (compiled) or from the sources (vitest): the agent is always the compiled one.
-  const here = fileURLToPath(import.meta.url);
-  return here.includes('/dist/') ? join(here, '..', '..', 'agent', 'main.js') : join(here, '..', '..', 'dist', 'agent', 'main.js');
+  return compiledEntry(import.meta.url, '../agent/main.js');
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {

@@ -17,6 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { compiledEntry } from '../common/compiled.js';
 import { silentLogger } from '../common/log.js';
 import { ServerConfig } from '../fleet-server/config.js';
 import { FleetServer } from '../fleet-server/server.js';
@@ -151,9 +152,7 @@ export async function crashLoop(opts: CrashLoopOptions, loader = distLoader()): 
 }
 
 function distLoader(): string {
-  // Run from dist/scripts (compiled) or from the sources (vitest): the loader is always the compiled one.
-  const here = fileURLToPath(import.meta.url);
-  return here.includes('/dist/') ? join(here, '..', 'outbox-load.js') : join(here, '..', '..', 'dist', 'scripts', 'outbox-load.js');
+  return compiledEntry(import.meta.url, './outbox-load.js');
 }
 
 if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {

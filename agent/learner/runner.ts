@@ -1,8 +1,7 @@
 import { fork } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
-import { fileURLToPath } from 'node:url';
 import { EdgefleetError, type ErrorCode, type EvalMetrics } from '../../proto/index.js';
+import { compiledEntry } from '../../common/compiled.js';
 import { trippedGate, type GateLimits, type GateReading } from './gates.js';
 import type { EvalJob, TrainJob, TrainJobResult } from './job.js';
 import type { StopReason } from './train.js';
@@ -49,14 +48,6 @@ export interface RunnerOptions {
   signal?: AbortSignal;
 }
 
-function childEntry(): string {
-  const sibling = fileURLToPath(new URL('./child-main.js', import.meta.url));
-  if (existsSync(sibling)) return sibling;
-  const built = fileURLToPath(new URL('../../dist/agent/learner/child-main.js', import.meta.url));
-  if (existsSync(built)) return built;
-  throw new EdgefleetError('EF_INTERNAL', `no compiled child-main.js next to ${sibling} or at ${built}; run npm run build`);
-}
-
 /** Resolves with the update, or rejects with an EdgefleetError (EF_TRAINING_FAILED unless the child said otherwise). */
 export async function trainInChild(job: TrainJob, opts: RunnerOptions): Promise<TrainJobResult> {
   const r = await inChild({ type: 'job', job, niceness: opts.niceness ?? 19, gates: null }, job.deadlineAt, opts);
@@ -77,7 +68,7 @@ function inChild(request: Extract<ParentToChild, { type: 'job' | 'eval' }>, dead
   const read = opts.readGates;
   const cores = availableParallelism();
   return new Promise((resolve, reject) => {
-    const child = fork(childEntry(), [], { execArgv: [], stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'advanced' });
+    const child = fork(compiledEntry(import.meta.url, './child-main.js'), [], { execArgv: [], stdio: ['ignore', 'ignore', 'pipe', 'ipc'], serialization: 'advanced' });
     const kill = (): boolean => child.kill('SIGKILL');
     opts.signal?.addEventListener('abort', kill, { once: true });
     if (opts.signal?.aborted) kill();

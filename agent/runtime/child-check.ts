@@ -1,7 +1,6 @@
 import { fork } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
-import { EdgefleetError, type Manifest } from '../../proto/index.js';
+import type { Manifest } from '../../proto/index.js';
+import { compiledEntry } from '../../common/compiled.js';
 
 /**
  * Loads a candidate model and runs its golden vectors in a throwaway child process before the
@@ -33,17 +32,9 @@ export interface ChildCheckOptions {
 /** How much of the child's stderr a crash report keeps (its end, where the reason is). */
 const STDERR_TAIL_CHARS = 2000;
 
-/**
- * The child's entry point is compiled JavaScript: node cannot run the TypeScript source (no tsx or
- * type stripping on Node 20). From dist/ it is the sibling file; from the source tree (vitest runs
- * the .ts files) it is the compiled twin under dist/, which test/global-setup.ts builds first.
- */
+/** The child's entry point, compiled (common/compiled.ts). */
 export function childEntry(): string {
-  const sibling = fileURLToPath(new URL('./child-check-main.js', import.meta.url));
-  if (existsSync(sibling)) return sibling;
-  const built = fileURLToPath(new URL('../../dist/agent/runtime/child-check-main.js', import.meta.url));
-  if (existsSync(built)) return built;
-  throw new EdgefleetError('EF_INTERNAL', `no compiled child-check-main.js next to ${sibling} or at ${built}; run npm run build`);
+  return compiledEntry(import.meta.url, './child-check-main.js');
 }
 
 function isResult(m: unknown): m is ChildCheckResult {
