@@ -3,8 +3,6 @@ import { Readable } from 'node:stream';
 import { join } from 'node:path';
 import {
   FRAME_FL_CANDIDATE,
-  FRAME_FL_UPDATE,
-  decodeFlFrame,
   encodeBundle,
   encodeFlFrame,
   modelRef,
@@ -16,7 +14,7 @@ import {
 } from '../../proto/index.js';
 import { sha256Hex, writeFileAtomic } from '../../common/files.js';
 import type { FlRoundRow } from '../store/types.js';
-import { strategyFor } from './strategy.js';
+import { foldFilesInWorker } from './fold-files.js';
 import { serverStep, fromBytes as decodeServerState, toBytes as encodeServerState } from './server-opt.js';
 import { epsilon } from './privacy.js';
 import { candidateGolden } from './golden.js';
@@ -25,8 +23,8 @@ import { judgeEvaluation, localMeans, quorumReason } from './rounds.js';
 import type { RoundBase, RoundServiceDeps } from './service.js';
 
 /**
- * The end of a round: fold the accepted updates (read back one at a time from their files, so
- * memory holds one update and the strategy's state), step the server optimizer, send the candidate
+ * The end of a round: fold the accepted updates in a worker thread (read back one at a time from
+ * their files, so memory holds one update and the strategy's state; fold-files.ts), step the server optimizer, send the candidate
  * to devices for federated evaluation, then register it, quarantined when it failed, and start its
  * rollout when the round asks for one. One at a time per round; every step is resumable from what
  * the round row and its directory hold.
@@ -40,6 +38,11 @@ export class RoundFinisher {
     /** A round ended (succeeded or failed here): its files can go. */
     private readonly ended: (id: number) => void,
   ) {}
+
+  /** Aggregating or registering this round now: updates arriving meanwhile are too late for it. */
+  busy(id: number): boolean {
+    return this.running.has(id);
+  }
 
   async idle(): Promise<void> {
     await Promise.all(this.running.values());
@@ -97,18 +100,12 @@ export class RoundFinisher {
     const base = this.base(id);
     const { specs, offsets } = base.shared;
     const shared = specs.reduce((a, s) => a + s.size, 0);
-    const fold = strategyFor(cfg.strategy).begin(shared);
-    for (const p of updated) {
-      const bundle = decodeFlFrame(FRAME_FL_UPDATE, readFileSync(join(this.dir(id), `${p.deviceId}.eftb`)));
-      const flat = new Float32Array(shared);
-      let at = 0;
-      for (const t of bundle.tensors) {
-        flat.set(t.data, at);
-        at += t.data.length;
-      }
-      fold.add({ delta: flat, samples: p.samples ?? 1 });
-    }
-    const result = fold.finish();
+    const result = await foldFilesInWorker({ strategy: cfg.strategy, shared, updates: updated.map((p) => ({ file: join(this.dir(id), `${p.deviceId}.eftb`), samples: p.samples ?? 1 })) });
+    // Read again: the round may have been aborted while the worker folded, and refusals meanwhile were counted on it.
+    const folded = store.fl.getRound(id);
+    if (!folded || folded.state !== 'collecting') return;
+    folded.status.counts.updates = row.status.counts.updates;
+    folded.status.local = row.status.local;
     // The shared difference placed into the whole model; personal layers' coordinates stay 0.
     const full = new Float32Array(base.weights.flat.length);
     let at = 0;
@@ -116,9 +113,9 @@ export class RoundFinisher {
       full.set(result.delta.subarray(at, at + s.size), offsets[i]);
       at += s.size;
     });
-    const previous = store.fl.serverState(row.model);
+    const previous = store.fl.serverState(folded.model);
     const step = serverStep(cfg.serverOptimizer, base.weights.flat, full, previous ? decodeServerState(previous) : null);
-    if (step.restarted) log.warn({ round: id, model: row.model, why: step.restarted }, 'server optimizer state did not fit; its moments start again from zero');
+    if (step.restarted) log.warn({ round: id, model: folded.model, why: step.restarted }, 'server optimizer state did not fit; its moments start again from zero');
     writeFileAtomic(join(this.dir(id), 'candidate.f32'), new Uint8Array(step.weights.buffer, step.weights.byteOffset, step.weights.byteLength));
     writeFileAtomic(join(this.dir(id), 'server-state.bin'), encodeServerState(step.state));
     // What goes to evaluating devices: candidate − base over the shared weights.
@@ -132,22 +129,22 @@ export class RoundFinisher {
     const t = now();
     const e = cfg.evaluation;
     const evalDeadlineAt = t + e.deadlineSec * 1000;
-    const meta: CandidateMeta = { kind: 'fl-candidate', roundId: id, model: row.model, baseVersion: row.baseVersion, baseManifestSha256: row.baseManifestSha256, holdoutShare: cfg.train.holdoutShare, deadlineAt: evalDeadlineAt };
+    const meta: CandidateMeta = { kind: 'fl-candidate', roundId: id, model: folded.model, baseVersion: folded.baseVersion, baseManifestSha256: folded.baseManifestSha256, holdoutShare: cfg.train.holdoutShare, deadlineAt: evalDeadlineAt };
     const frame = encodeFlFrame(FRAME_FL_CANDIDATE, encodeBundle({ tensors, meta }));
     writeFileAtomic(join(this.dir(id), 'candidate.frame'), frame);
     // Participants first (they hold the base and a holdout), then other eligible devices.
     const declined = new Set(parts.filter((p) => p.state === 'declined').map((p) => p.deviceId));
-    const evalIds = [...updated.map((p) => p.deviceId), ...row.eligible.filter((d) => !declined.has(d) && !updated.some((p) => p.deviceId === d))].slice(0, e.maxDevices);
+    const evalIds = [...updated.map((p) => p.deviceId), ...folded.eligible.filter((d) => !declined.has(d) && !updated.some((p) => p.deviceId === d))].slice(0, e.maxDevices);
     const info: Record<string, number> = { ...result.info, clients: result.clients };
     if (cfg.strategy.name === 'dp-fedavg') {
       info.noiseMultiplier = cfg.strategy.noiseMultiplier;
-      info.samplingRate = Math.min(1, row.status.counts.invited / Math.max(1, row.status.counts.eligible));
+      info.samplingRate = Math.min(1, folded.status.counts.invited / Math.max(1, folded.status.counts.eligible));
     }
-    row.status.aggregate = { updateNorm: norm, info };
-    row.status.privacy = this.privacy(row);
+    folded.status.aggregate = { updateNorm: norm, info };
+    folded.status.privacy = this.privacy(folded);
     store.transaction(() => {
       for (const d of evalIds) store.fl.putParticipant({ roundId: id, role: 'eval', deviceId: d, state: 'invited', detail: null, samples: null, metrics: null, at: t });
-      store.fl.updateRound(id, { ...row, state: 'evaluating', evalDeadlineAt, updatedAt: t });
+      store.fl.updateRound(id, { ...folded, state: 'evaluating', evalDeadlineAt, updatedAt: t });
     });
     log.info({ round: id, updates: updated.length, norm: norm, evaluators: evalIds.length }, 'federated round aggregated; evaluating');
     await Promise.all(evalIds.map((d) => this.deps.publish(topics.down(d, 'candidate'), frame, { qos: 1, retain: false }).catch(() => undefined)));
@@ -233,6 +230,8 @@ export class RoundFinisher {
     }
     const t = now();
     row.status.candidate = { version: published.version, status: reason ? 'quarantined' : 'candidate', rolloutId };
+    // Refusals counted on the round while the candidate was built and published.
+    row.status.rejected = store.fl.getRound(id)?.status.rejected ?? row.status.rejected;
     store.transaction(() => {
       store.fl.updateRound(id, { ...row, state: reason ? 'failed' : 'succeeded', reason, updatedAt: t });
       store.audit.append({ ts: t, actor, action: 'fl.round.finished', target: modelRef(row.model, published.version), ok: !reason, detail: { round: id, reason, evaluation } });

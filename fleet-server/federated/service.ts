@@ -313,6 +313,8 @@ export class RoundService {
     };
     if (!row) return reject('unknown-round', roundId === null ? 'no round id, and no round collecting from this device' : `round ${roundId}`);
     if (row.state !== 'collecting') return reject('late', `round ${row.id} is ${row.state}`);
+    // The fold runs in a worker while the round still says collecting: it has its list of updates.
+    if (this.finisher.busy(row.id)) return reject('late', `round ${row.id} is aggregating`);
     let specs: WeightSpec[];
     try {
       specs = this.base(row).shared.specs;
