@@ -91,15 +91,25 @@ export type UpdateMeta = z.infer<typeof UpdateMeta>;
  * How the fleet combines the updates of a round. All are pure functions of the updates (and, for
  * `dp-fedavg`, of the noise drawn), in fleet-server/federated/.
  */
+/** Updates per group before a robust rule (see `median`); 1 is no grouping. */
+const BucketSize = z.number().int().min(1).max(64);
+
 export const StrategySpec = z.discriminatedUnion('name', [
   /** FedAvg (McMahan et al., 2017): the mean of the updates weighted by sample count. Streams: memory does not grow with clients. */
   z.object({ name: z.literal('fedavg') }).strict(),
   /** FedAvg of updates scaled down to `normBound` first (Sun et al., 2019, "Can You Really Backdoor Federated Learning?"). Streams. */
   z.object({ name: z.literal('fedavg-clipped'), normBound: z.number().positive() }).strict(),
-  /** Coordinate-wise median (Yin et al., 2018): robust to a minority of arbitrary updates; ignores sample counts. */
-  z.object({ name: z.literal('median') }).strict(),
-  /** Coordinate-wise trimmed mean: drops the `trimShare` largest and smallest values of each coordinate, averages the rest. */
-  z.object({ name: z.literal('trimmed-mean'), trimShare: z.number().min(0).max(0.49).default(0.2) }).strict(),
+  /**
+   * Coordinate-wise median (Yin et al., 2018): robust to a minority of arbitrary updates; ignores
+   * sample counts. `bucketSize` s ≥ 2: the updates are shuffled into groups of s and the median is
+   * taken over the groups' means (Karimireddy, He and Jaggi, 2022, "Byzantine-Robust Learning on
+   * Heterogeneous Datasets via Bucketing"): with label-skewed devices the honest updates disagree,
+   * and a median of single updates lands far from their mean; group means disagree less. An
+   * attacker then spoils at most its own number of groups, so keep s × attackers under half the updates.
+   */
+  z.object({ name: z.literal('median'), bucketSize: BucketSize.optional() }).strict(),
+  /** Coordinate-wise trimmed mean: drops the `trimShare` largest and smallest values of each coordinate, averages the rest. `bucketSize` as for the median. */
+  z.object({ name: z.literal('trimmed-mean'), trimShare: z.number().min(0).max(0.49).default(0.2), bucketSize: BucketSize.optional() }).strict(),
   /**
    * Central DP, DP-FedAvg (McMahan et al., 2018, "Learning Differentially Private Recurrent Language
    * Models"): every update clipped to `clipNorm`, summed unweighted, Gaussian noise of standard

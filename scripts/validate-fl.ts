@@ -55,6 +55,7 @@ async function main(argv: string[]): Promise<void> {
       epochs: { type: 'string', default: '2' },
       lr: { type: 'string', default: '0.05' },
       runs: { type: 'string', default: 'fedavg,q8,attack,median,trimmed,clipped,dp' },
+      bucket: { type: 'string', default: '1' },
       'server-momentum': { type: 'string', default: '0.9' },
       quick: { type: 'boolean', default: false },
     },
@@ -72,8 +73,9 @@ async function main(argv: string[]): Promise<void> {
     dpEpsilon: num(values.epsilon),
     dpDelta: 1e-5,
   };
-  if (![opts.clients, opts.rounds, opts.perRound, opts.seed, opts.dpEpsilon].every((x) => Number.isFinite(x) && x > 0) || opts.perRound > opts.clients) {
-    process.stderr.write('usage: validate-fl [--clients N] [--rounds R] [--per-round K] [--seed S] [--epsilon E] [--partition dirichlet|shards] [--alpha A] [--epochs E] [--lr X] [--server-momentum M] [--runs fedavg,q8,attack,median,trimmed,clipped,dp] [--quick]\n');
+  const bucket = num(values.bucket);
+  if (![opts.clients, opts.rounds, opts.perRound, opts.seed, opts.dpEpsilon, bucket].every((x) => Number.isFinite(x) && x > 0) || opts.perRound > opts.clients || !Number.isInteger(bucket)) {
+    process.stderr.write('usage: validate-fl [--clients N] [--rounds R] [--per-round K] [--seed S] [--epsilon E] [--partition dirichlet|shards] [--alpha A] [--epochs E] [--lr X] [--server-momentum M] [--runs fedavg,q8,attack,median,trimmed,clipped,dp,median-clean] [--bucket S] [--quick]\n');
     process.exit(EXIT.USAGE);
   }
   const { tf, backend } = await loadTf();
@@ -135,8 +137,13 @@ async function main(argv: string[]): Promise<void> {
   const q8Acc = runs.has('q8') ? await run('fedavg q8', { name: 'fedavg' }, honest, { ...local, encoding: 'q8' }) : NaN;
   const attackedAcc = runs.has('attack') ? await run('fedavg+attack', { name: 'fedavg' }, attacked) : NaN;
   const robust: Record<string, number> = {};
-  if (runs.has('median')) robust.median = await run('median+attack', { name: 'median' }, attacked);
-  if (runs.has('trimmed')) robust['trimmed-mean'] = await run('trimmed+attack', { name: 'trimmed-mean', trimShare: opts.maliciousShare }, attacked);
+  // --bucket S: the robust rules over means of S updates each (the updates shuffled every round).
+  const buckets = bucket > 1 ? { bucketSize: bucket } : {};
+  const suffix = bucket > 1 ? ` b${bucket}` : '';
+  // The median with nobody attacking: what the rule itself costs on label-skewed devices.
+  const medianCleanAcc = runs.has('median-clean') ? await run(`median${suffix}`, { name: 'median', ...buckets }, honest) : NaN;
+  if (runs.has('median')) robust.median = await run(`median${suffix}+attack`, { name: 'median', ...buckets }, attacked);
+  if (runs.has('trimmed')) robust['trimmed-mean'] = await run(`trimmed${suffix}+attack`, { name: 'trimmed-mean', trimShare: opts.maliciousShare, ...buckets }, attacked);
   if (runs.has('clipped')) robust['fedavg-clipped'] = await run('clipped+attack', { name: 'fedavg-clipped', normBound: 1 }, attacked);
   const [bestName, bestAcc] = Object.entries(robust).sort((a, b) => b[1] - a[1])[0] ?? ['none', NaN];
 
@@ -168,6 +175,8 @@ async function main(argv: string[]): Promise<void> {
     robust_acc: round4(bestAcc),
     robust_strategy: bestName,
     robust_all: Object.fromEntries(Object.entries(robust).map(([k, v]) => [k, round4(v)])),
+    robust_bucket_size: bucket,
+    median_clean_acc: round4(medianCleanAcc),
     dp_epsilon: round4(spent),
     dp_delta: opts.dpDelta,
     dp_noise_multiplier: round4(z),

@@ -21,7 +21,7 @@ export interface AggregateResult {
   clients: number;
   /** Sum of the updates' samples, whether or not the strategy weighs by them. */
   samples: number;
-  /** Per-strategy facts: `clipped` (updates scaled down), `trimmedEachSide`, `noiseStd`. */
+  /** Per-strategy facts: `clipped` (updates scaled down), `trimmedEachSide`, `buckets`, `noiseStd`. */
   info: Record<string, number>;
 }
 
@@ -46,7 +46,7 @@ export interface Strategy {
 
 export interface StrategyOptions {
   /**
-   * Uniform [0, 1) source for dp-fedavg's noise. Defaults to `cryptoUniform()` (the OS CSPRNG):
+   * Uniform [0, 1) source for dp-fedavg's noise and the robust rules' bucket order. Defaults to `cryptoUniform()` (the OS CSPRNG):
    * noise drawn from a predictable PRNG can be regenerated and subtracted by whoever can reproduce
    * the stream, which voids the guarantee. Pass a seeded `mulberry32` only in tests and simulations.
    * The accountant's ε assumes ideal real-valued noise; floating-point Gaussian samples fall short
@@ -65,9 +65,9 @@ export function strategyFor(spec: StrategySpec, opts: StrategyOptions = {}): Str
     case 'dp-fedavg':
       return dpFedAvg(spec, opts.random ?? cryptoUniform());
     case 'median':
-      return median(spec);
+      return median(spec, opts.random ?? cryptoUniform());
     case 'trimmed-mean':
-      return trimmedMean(spec);
+      return trimmedMean(spec, opts.random ?? cryptoUniform());
   }
 }
 

@@ -25,12 +25,16 @@ const num = (n: number): string => (Number.isInteger(n) ? String(n) : String(Num
 const loss = (n: number): string => n.toFixed(4);
 
 /** `fedavg`, `trimmed-mean (20% trimmed each side)`, `dp-fedavg (clip 1, noise ×1.1, δ 1e-5)`. */
+const bucketText = (size: number | undefined): string => (size && size > 1 ? `, over means of ${size} updates` : '');
+
 export function strategyText(s: StrategySpec): string {
   switch (s.name) {
     case 'fedavg-clipped':
       return `${s.name} (norm bound ${num(s.normBound)})`;
     case 'trimmed-mean':
-      return `${s.name} (${pct(s.trimShare)} trimmed each side)`;
+      return `${s.name} (${pct(s.trimShare)} trimmed each side${bucketText(s.bucketSize)})`;
+    case 'median':
+      return s.bucketSize && s.bucketSize > 1 ? `${s.name} (${bucketText(s.bucketSize).slice(2)})` : s.name;
     case 'dp-fedavg':
       return `${s.name} (clip ${num(s.clipNorm)}, noise ×${num(s.noiseMultiplier)}, δ ${s.delta.toExponential()})`;
     default:

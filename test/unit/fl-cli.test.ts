@@ -12,6 +12,8 @@ import { WATCH_EXIT, renderRoundStatus, renderRoundWatch, renderStarted, roundsT
 
 const NOW = Date.UTC(2025, 0, 1, 12);
 
+type StrategyInput = NonNullable<RoundConfigInput['strategy']>;
+
 type ViewInput = Omit<Partial<RoundView>, 'counts' | 'config'> & { counts?: Partial<RoundView['counts']>; config?: Partial<RoundConfigInput> };
 
 function round(v: ViewInput = {}): RoundView {
@@ -122,6 +124,13 @@ describe('renderers', () => {
     expect(text).toContain('privacy     ε 2.31 at δ 1e-5 over 3 rounds of iris');
     expect(text).toContain('strategy    dp-fedavg (clip 1, noise ×1.1, δ 1e-5)');
     expect(renderRoundWatch(dp)).toContain('privacy    ε 2.31 at δ 1e-5 over 3 rounds of iris');
+  });
+
+  it('names the robust rules with their settings, buckets included', () => {
+    const show = (strategy: StrategyInput): string => renderRoundStatus(round({ ...evaluating, counts: evaluating.counts, config: { strategy } }), NOW);
+    expect(show({ name: 'median' })).toContain('strategy    median · server');
+    expect(show({ name: 'median', bucketSize: 2 })).toContain('strategy    median (over means of 2 updates) · server');
+    expect(show({ name: 'trimmed-mean', trimShare: 0.2, bucketSize: 3 })).toContain('strategy    trimmed-mean (20% trimmed each side, over means of 3 updates) · server');
   });
 
   it('the watch block holds no clock unless given one', () => {

@@ -138,6 +138,63 @@ describe('strategies against the references', () => {
   });
 });
 
+describe('bucketing before the robust rules', () => {
+  /** Plainly: shuffle the indices as the fold does (Fisher–Yates, same draws), cut into groups, average each. */
+  function refBuckets(ds: Float32Array[], size: number, seed: number): Float32Array[] {
+    const random = mulberry32(seed);
+    const order = ds.map((_, i) => i);
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = Math.floor(random() * (i + 1));
+      const t = order[i]!;
+      order[i] = order[j]!;
+      order[j] = t;
+    }
+    const groups: Float32Array[] = [];
+    for (let b = 0; b < order.length; b += size) groups.push(f32(refMean(order.slice(b, b + size).map((i) => ds[i]!))));
+    return groups;
+  }
+
+  it.each([
+    [2, 9, 50],
+    [3, 16, 33],
+    [4, 10, 100],
+  ] as const)('bucket size %i, %i clients × %i params: the rule over the buckets’ means', (size, n, p) => {
+    const us = randomUpdates(size * 100 + n, n, p);
+    const groups = refBuckets(deltas(us), size, 5);
+    const med = run({ name: 'median', bucketSize: size }, us, 5);
+    expect(med.info.buckets).toBe(Math.ceil(n / size));
+    expectClose(med.delta, refMedian(groups));
+    const trimmed = run({ name: 'trimmed-mean', trimShare: 0.2, bucketSize: size }, us, 5);
+    expectClose(trimmed.delta, refTrimmed(groups, trimCount(0.2, groups.length)));
+    expect(trimmed.info).toEqual({ trimmedEachSide: trimCount(0.2, groups.length), buckets: groups.length });
+  });
+
+  it('one bucket holding every update is their unweighted mean; size 1 is no bucketing', () => {
+    const us = randomUpdates(31, 7, 40);
+    expectClose(run({ name: 'median', bucketSize: 64 }, us).delta, refMean(deltas(us)));
+    expect(run({ name: 'median', bucketSize: 1 }, us).delta).toEqual(run({ name: 'median' }, us).delta);
+    expect(run({ name: 'median', bucketSize: 1 }, us).info).toEqual({});
+  });
+
+  it('keeps a minority of huge updates out when size × attackers stays under half', () => {
+    const r = mulberry32(4);
+    const honest = Array.from({ length: 10 }, () => f32([1 + r() * 0.1, -1 - r() * 0.1]));
+    const all = [...honest, f32([1e6, 1e6]), f32([-1e6, 1e6])].map((delta) => ({ delta, samples: 1 }));
+    for (let seed = 1; seed <= 20; seed++) {
+      const out = run({ name: 'median', bucketSize: 2 }, all, seed).delta;
+      expect(out[0]).toBeGreaterThan(0.9);
+      expect(out[0]).toBeLessThan(1.2);
+      expect(out[1]).toBeLessThan(-0.9);
+      expect(out[1]).toBeGreaterThan(-1.2);
+    }
+  });
+
+  it('the schema refuses bucket sizes that are not whole numbers from 1 to 64', () => {
+    for (const bucketSize of [0, 65, 1.5, -2]) expect(StrategySpec.safeParse({ name: 'median', bucketSize }).success).toBe(false);
+    expect(StrategySpec.parse({ name: 'trimmed-mean', bucketSize: 3 })).toEqual({ name: 'trimmed-mean', trimShare: 0.2, bucketSize: 3 });
+  });
+});
+
 describe('hand-computed cases', () => {
   it('fedavg weighs by samples', () => {
     const res = run({ name: 'fedavg' }, [
