@@ -161,10 +161,11 @@ function denseLayers(model: Tfjs.LayersModel): DenseLayer[] {
 
 /**
  * Trains in place on categorical cross-entropy, rows in the set's order (no shuffling), and
- * returns the losses. The backward pass is written out rather than left to model.fit(): the WASM
- * backend's BatchMatMul with a transposed operand, which autodiff of a dense layer produces for
- * both gradients, runs about 10× slower than an explicit transpose and a plain product (measured
- * with tfjs-backend-wasm 4.22), and made an epoch take 13 s instead of 2.
+ * returns the losses. The backward pass is written out: it predates the fix in common/tf.ts for
+ * the WASM backend's BatchMatMul with a transposed operand (about 10× slower than a transpose and
+ * a plain product, which made an epoch take 13 s instead of 2). Autodiff now costs the same (the
+ * device's trainer, agent/learner/train.ts, relies on it); this one stays because bench:delta's
+ * fine-tunes were measured with it.
  */
 export async function trainDigits(model: Tfjs.LayersModel, data: DigitSet, opts: TrainOptions): Promise<TrainResult> {
   const { tf } = await loadTf();
