@@ -1,12 +1,16 @@
-import { readFileSync } from 'node:fs';
-import { describe, expect, it } from 'vitest';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
 import { decodeBundle, Manifest, TrainSpec, UpdateMeta, type TrainingSpec } from '../../proto/index.js';
-import { runTrainJob, type TrainJob } from '../../agent/learner/job.js';
+import { silentLogger } from '../../common/log.js';
+import { runEvalJob, runTrainJob, type TrainJob } from '../../agent/learner/job.js';
+import { Personalizer } from '../../agent/learner/personal.js';
 import { trainInChild, type RunnerOptions } from '../../agent/learner/runner.js';
 import type { GateReading } from '../../agent/learner/gates.js';
 import { l2Norm } from '../../agent/learner/update.js';
 import { irisSamples, type IrisModel } from '../../scripts/train-iris.js';
 import { irisModels } from '../helpers/models.js';
+import { cleanup, tempDir } from '../helpers/fleet.js';
 
 /**
  * The device's side of a federated round on a real model: the iris `wrong` variant (trained on
@@ -168,5 +172,47 @@ describe('the training child', () => {
     let steps = 0;
     const pending = trainInChild({ ...long, spec: { ...long.spec, epochs: 100_000 } }, runner({ signal: abort.signal, onProgress: () => ++steps === 5 && abort.abort() }));
     await expect(pending).rejects.toMatchObject({ code: 'EF_TRAINING_FAILED', message: expect.stringMatching(/killed by SIGKILL/) as unknown });
+  });
+});
+
+describe('personal layers kept on the device', () => {
+  afterAll(cleanup);
+
+  /** A Personalizer over the iris model's real files, evaluating in this process; the manager records what it is told. */
+  function personalizer(model: IrisModel): { p: Personalizer; dir: string; told: (number | null)[] } {
+    const dir = tempDir();
+    const manifest = manifestOf(model, { personalLayers: ['probabilities'] });
+    const { samples, keys } = job(model);
+    const told: (number | null)[] = [];
+    const p = new Personalizer({
+      dir,
+      manager: {
+        trainingBase: () => ({ manifest, dir: model.dir, committed: true, personalized: false }),
+        personalize: (_name, version, variant) => {
+          told.push(variant === null ? null : version);
+          return true;
+        },
+        models: () => ['iris'],
+      },
+      samples: () => ({ set: samples, keys }),
+      evaluate: (j) => runEvalJob(j),
+      log: silentLogger(),
+    });
+    return { p, dir, told };
+  }
+
+  it('drops kept weights whose shapes no longer fit the serving version, and a file it cannot read', async () => {
+    const { wrong } = await irisModels();
+    const { p, dir, told } = personalizer(wrong);
+    const file = join(dir, 'iris.personal');
+    // An output layer of another width: what a new global version with a changed layer leaves behind.
+    await p.offer('iris', [{ name: 'probabilities/kernel', data: new Float32Array(5) }, { name: 'probabilities/bias', data: new Float32Array(3) }], 0.2);
+    expect(existsSync(file)).toBe(false);
+    expect(told).toEqual([null]);
+    expect(p.current('iris')).toBeNull();
+
+    writeFileSync(file, 'not a tensor bundle');
+    expect(p.current('iris')).toBeNull();
+    expect(existsSync(file)).toBe(false);
   });
 });
