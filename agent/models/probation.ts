@@ -103,7 +103,22 @@ function checkWatch(ctx: SlotContext, slot: Slot): void {
   const stats = slot.watchStats;
   if (!run || !stats || slot.rollingBack) return;
   slot.watchStats = new VersionStats(run.signed.manifest);
-  const verdict = judge(run.signed.manifest.health, stats, slot.previousLatency, true);
+  let verdict = judge(run.signed.manifest.health, stats, slot.previousLatency, true);
+  if (run.personal) {
+    // A personalized variant's outputs are meant to differ from the published version's: output
+    // drift against its baseline and mean confidence say nothing about it (the holdout check that
+    // let it serve does). Any other failure is the variant's, not the version's: the global
+    // weights go back and the next window judges the version as published.
+    const failures = verdict.failures.filter((f) => f.check !== 'psi' && f.check !== 'confidence');
+    verdict = { ...verdict, ok: failures.length === 0, failures };
+    if (verdict.ok) return;
+    ctx.opts.report('event', 'model.regression', { model: slot.state.name, version: run.version, failures: verdict.failures, figures: verdict.figures, action: 'unpersonalize' });
+    ctx.opts.log.warn({ model: slot.state.name, version: run.version, failures: verdict.failures }, 'the personalized variant regressed after commit; the global weights serve again');
+    run.model.weights?.write(run.personal.original);
+    delete run.personal;
+    ctx.opts.onChange();
+    return;
+  }
   if (verdict.ok) return;
   // In safe mode the fallback serves whatever it shows: the operator chose it over every other version.
   const action = slot.state.safeMode ? 'report' : run.signed.manifest.health.afterCommit;

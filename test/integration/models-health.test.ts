@@ -3,6 +3,8 @@
  * back within its probation window, with no network needed, and the device goes on serving the
  * version it served; good versions are never rolled back.
  */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Agent } from '../../agent/agent.js';
 import type { ModelDraftInput } from '../../proto/index.js';
@@ -175,6 +177,44 @@ describe('after commit', () => {
     await waitFor('regression reported', async () => {
       const t = await fleet.admin.call('telemetry.list', { deviceId, limit: 500 });
       return t.records.some((r) => r.type === 'model.regression' && (r.body as { version: number }).version === v);
+    });
+  }, 120_000);
+});
+
+describe('after commit, a personalized variant', () => {
+  it('is not judged on output drift, and a regression of its own puts the global weights back instead of rolling the version back', async () => {
+    const { good } = await irisModels();
+    const v = await tryVersion(good.dir, { healthPolicy: { ...POLICY, watchWindowRequests: 60, afterCommit: 'rollback' } });
+    expect(agent.models.slotState('iris')?.serving).toBe(v);
+    const base = agent.models.trainingBase('iris')!;
+    const modelJson = JSON.parse(readFileSync(join(base.dir, 'model.json'), 'utf8')) as { weightsManifest: { weights: { name: string; shape: number[] }[] }[] };
+    const head = modelJson.weightsManifest.flatMap((g) => g.weights).filter((w) => w.name.startsWith('probabilities/'));
+    expect(head).toHaveLength(2);
+    const weights = (value: number) => head.map((w) => ({ name: w.name, data: new Float32Array(w.shape.reduce((a, b) => a * b, 1)).fill(value) }));
+    const verdict = { version: v, layers: ['probabilities'], holdoutCount: 30, accuracy: 0.9, globalAccuracy: 0.8, loss: 0.3, globalLoss: 0.5 };
+    const { features } = irisSamples();
+    const requests = async (n: number): Promise<void> => {
+      for (let i = 0; i < n; i++) await agent.models.infer('iris', { features: { dtype: 'float32', shape: [1, 4], data: Float32Array.from(features[(i * 7) % 150] as number[]) } }).catch(() => undefined);
+    };
+
+    // A zero output layer: every answer is a third per class, far from the baseline's outputs. The
+    // published version would be rolled back for that drift (the test above); the variant is not.
+    expect(agent.models.personalize('iris', v, { weights: weights(0), verdict })).toBe(true);
+    await requests(150);
+    expect(agent.models.slotState('iris')?.serving).toBe(v);
+    expect(agent.models.report().iris?.personalized).toMatchObject({ version: v });
+
+    // An output layer of NaN: every answer non-finite, a failure of the variant's own.
+    expect(agent.models.personalize('iris', v, { weights: weights(Number.NaN), verdict })).toBe(true);
+    await requests(70);
+    await waitFor('the global weights back', () => agent.models.report().iris?.personalized === undefined);
+    expect(agent.models.slotState('iris')?.serving).toBe(v);
+    expect(agent.models.slotState('iris')?.failed.map((f) => f.version)).not.toContain(v);
+    const out = await agent.models.infer('iris', { features: { dtype: 'float32', shape: [1, 4], data: Float32Array.from([6.7, 3.1, 4.4, 1.4]) } });
+    expect(Array.from(out.outputs.probabilities!.data as Float32Array).every(Number.isFinite)).toBe(true);
+    await waitFor('reported as a regression of the variant', async () => {
+      const t = await fleet.admin.call('telemetry.list', { deviceId, limit: 500 });
+      return t.records.some((r) => r.type === 'model.regression' && (r.body as { version: number; action: string }).version === v && (r.body as { action: string }).action === 'unpersonalize');
     });
   }, 120_000);
 });
