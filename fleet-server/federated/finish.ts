@@ -23,11 +23,11 @@ import { judgeEvaluation, localMeans, quorumReason } from './rounds.js';
 import type { RoundBase, RoundServiceDeps } from './service.js';
 
 /**
- * The end of a round: fold the accepted updates in a worker thread (read back one at a time from
- * their files, so memory holds one update and the strategy's state; fold-files.ts), step the server optimizer, send the candidate
- * to devices for federated evaluation, then register it, quarantined when it failed, and start its
- * rollout when the round asks for one. One at a time per round; every step is resumable from what
- * the round row and its directory hold.
+ * The end of a round: fold the accepted updates in a worker thread (fold-files.ts: read back one at
+ * a time from their files, so memory holds one update and the strategy's state), step the server
+ * optimizer, send the candidate to devices for federated evaluation, then register it, quarantined
+ * when it failed, and start its rollout when the round asks for one. One at a time per round;
+ * every step is resumable from what the round row and its directory hold.
  */
 export class RoundFinisher {
   private readonly running = new Map<number, Promise<void>>();

@@ -11,9 +11,11 @@ import { rankMeans } from './rank-kernel.js';
  *
  * Neither can stream: a coordinate's median needs every client's value. A fold keeps a reference to
  * each update's array until `finish()` (no copy: copying a hundred 4 MB updates into fresh memory
- * measured almost half the time of the whole FedAvg fold), so memory is the updates and no more; `finish()` adds only O(clients × block) scratch besides the result, and with buckets their means. The
- * caller must not change an array it has added. Adding memory that overlaps an array already added
- * (a decoder reusing its buffer) throws, so that mistake cannot silently aggregate one update n times.
+ * measured almost half the time of the whole FedAvg fold), so memory is the updates and no more;
+ * `finish()` adds only O(clients × block) scratch besides the result, and with buckets their means.
+ * The caller must not change an array it has added. Adding memory that overlaps an array already
+ * added (a decoder reusing its buffer) throws, so that mistake cannot silently aggregate one update
+ * n times.
  */
 
 type MedianSpec = Extract<StrategySpec, { name: 'median' }>;
@@ -21,6 +23,8 @@ type TrimmedSpec = Extract<StrategySpec, { name: 'trimmed-mean' }>;
 
 abstract class KeepAllFold extends FoldBase {
   protected readonly rows: Float32Array[] = [];
+  /** Byte ranges already added, per underlying buffer. */
+  private readonly held = new Map<ArrayBufferLike, [number, number][]>();
 
   protected constructor(
     params: number,
@@ -35,8 +39,6 @@ abstract class KeepAllFold extends FoldBase {
   protected inputs(): Float32Array[] {
     return this.bucketSize > 1 ? bucketMeans(this.rows, this.params, this.bucketSize, this.random) : this.rows;
   }
-  /** Byte ranges already added, per underlying buffer. */
-  private readonly held = new Map<ArrayBufferLike, [number, number][]>();
 
   protected take(u: ClientUpdate): void {
     const d = u.delta;
