@@ -64,7 +64,7 @@ function errorMessage(err: unknown): ChildToParent {
  * inference p99 six times its idle value. Threads started later inherit from their creator.
  *
  * SCHED_IDLE on top (chrt --idle --all-tasks) was tried and measured no better, on two cores or
- * pinned to one: inference p99 while training was 5.0–6.9 ms with it and 5.0–6.5 ms without
+ * pinned to one: inference p99 while training was 4.8–6.9 ms with it and 5.0–6.5 ms without
  * (bench:fedavg's inference part, four runs each). What is left on two cores is the other core's
  * work on shared cache and memory, which no priority removes.
  */
