@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { EXIT, EdgefleetError, RoundConfig, StrategySpec } from '../../proto/index.js';
 import type { OpsClient } from '../ops-client.js';
 import { duration, time } from './format.js';
-import { parseRef, type CommandContext } from './model.js';
+import { parseRef, positiveInt, type CommandContext } from './model.js';
 import { parseSelector } from './rollout.js';
 import { WATCH_EXIT, headline, renderRoundStatus, renderStarted, roundsTable, schedulesTable, strategyText, watchRound } from './fl-view.js';
 import { processWatchIo } from './watch.js';
@@ -248,8 +248,7 @@ export async function runFlCommand(ctx: FlContext, args: readonly string[]): Pro
     });
   }
   if (verb === 'status') {
-    const limit = ctx.flags.limit === undefined ? undefined : Number(ctx.flags.limit);
-    if (limit !== undefined && !(Number.isInteger(limit) && limit >= 1)) throw ctx.usage('--limit takes a positive integer');
+    const limit = positiveInt(ctx, ctx.flags.limit, '--limit');
     return ctx.withClient(async (c) => {
       const { rounds } = await c.call('fl.list', {
         ...(ctx.flags.model === undefined ? {} : { model: ctx.flags.model }),

@@ -58,7 +58,8 @@ const STATUS_VERBS: Record<string, ModelStatus> = { approve: 'approved', promote
 /** Publishing hashes every file again on the fleet: give it longer than an ordinary request. */
 const PUBLISH_TIMEOUT_SEC = 120;
 
-function positiveInt(ctx: CommandContext, v: string | undefined, what: string): number | undefined {
+/** A flag's value as a positive integer, undefined when the flag is absent; anything else is a usage error. */
+export function positiveInt(ctx: Pick<CommandContext, 'usage'>, v: string | undefined, what: string): number | undefined {
   if (v === undefined) return undefined;
   const n = Number(v);
   if (!Number.isInteger(n) || n < 1) throw ctx.usage(`${what} takes a positive integer`);

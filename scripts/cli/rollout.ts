@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { ERRORS, EdgefleetError, RolloutPlan, Selector } from '../../proto/index.js';
 import { table, time } from './format.js';
-import { parseRef, type CommandContext } from './model.js';
+import { parseRef, positiveInt, type CommandContext } from './model.js';
 import { headline, planSummary, plural, renderStatus, watchRollout } from './rollout-view.js';
 import { processWatchIo } from './watch.js';
 
@@ -188,8 +188,7 @@ export async function runRolloutCommand(ctx: RolloutContext, args: readonly stri
     });
   }
   if (verb === 'list') {
-    const limit = ctx.flags.limit === undefined ? undefined : Number(ctx.flags.limit);
-    if (limit !== undefined && !(Number.isInteger(limit) && limit >= 1)) throw ctx.usage('--limit takes a positive integer');
+    const limit = positiveInt(ctx, ctx.flags.limit, '--limit');
     return ctx.withClient(async (c) => {
       const { rollouts } = await c.call('rollouts.list', {
         ...(ctx.flags.name === undefined ? {} : { name: ctx.flags.name }),

@@ -10,21 +10,13 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FEEDBACK_DB_FILE, FeedbackStore, MAX_LABEL_BYTES } from '../../agent/api/feedback.js';
+import { codeOf } from '../helpers/errors.js';
 
 const dirs: string[] = [];
 function tempDir(): string {
   const d = mkdtempSync(join(tmpdir(), 'edgefleet-feedback-'));
   dirs.push(d);
   return d;
-}
-/** The catalog code `fn` throws, or null when it does not throw. */
-function codeOf(fn: () => unknown): string | null {
-  try {
-    fn();
-    return null;
-  } catch (err) {
-    return (err as { code?: string }).code ?? 'no code';
-  }
 }
 
 afterAll(() => {

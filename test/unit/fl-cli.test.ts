@@ -9,6 +9,7 @@ import { EXIT, ROUND_STATES, RoundView, type RoundConfigInput } from '../../prot
 import { duration } from '../../scripts/cli/format.js';
 import { buildRoundConfig, parseDuration } from '../../scripts/cli/fl.js';
 import { WATCH_EXIT, renderRoundStatus, renderRoundWatch, renderStarted, roundsTable, watchExit, watchRound, type WatchIo } from '../../scripts/cli/fl-view.js';
+import { watchRecorder, type WatchRecorder } from '../helpers/watch.js';
 
 const NOW = Date.UTC(2025, 0, 1, 12);
 
@@ -231,26 +232,7 @@ describe('watch', () => {
     expect(Object.fromEntries(ROUND_STATES.map((s) => [s, watchExit(s)]))).toEqual({ collecting: null, evaluating: null, succeeded: 0, failed: 19, aborted: 19 });
   });
 
-  type Recorder = WatchIo & { out: string; err: string; polls: number };
-  function io(views: RoundView[], opts: Partial<WatchIo> = {}): Recorder {
-    const r: Recorder = {
-      out: '',
-      err: '',
-      polls: 0,
-      show: (): Promise<RoundView> => {
-        r.polls++;
-        return Promise.resolve(views[Math.min(r.polls - 1, views.length - 1)] as RoundView);
-      },
-      stdout: (t: string) => void (r.out += t),
-      stderr: (t: string) => void (r.err += t),
-      tty: false,
-      json: false,
-      now: () => NOW,
-      sleep: () => Promise.resolve(),
-      ...opts,
-    };
-    return r;
-  }
+  const io = (views: RoundView[], opts: Partial<WatchIo> = {}): WatchRecorder<RoundView> => watchRecorder(views, NOW, opts);
 
   it('without a terminal prints a block only when something changed; 0 once succeeded', async () => {
     const w = io([collecting, collecting, evaluating, evaluating, succeeded]);

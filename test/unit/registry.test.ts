@@ -12,18 +12,9 @@ import { Registry } from '../../fleet-server/registry/registry.js';
 import { openSqliteStore } from '../../fleet-server/store/sqlite.js';
 import type { FleetStore } from '../../fleet-server/store/types.js';
 import { cleanup, onCleanup, tempDir } from '../helpers/fleet.js';
+import { codeOf } from '../helpers/errors.js';
 
 afterAll(cleanup);
-
-/** The catalog code `fn` throws with, or undefined when it does not throw. */
-function codeOf(fn: () => unknown): string | undefined {
-  try {
-    fn();
-  } catch (e) {
-    return (e as { code?: string }).code;
-  }
-  return undefined;
-}
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 

@@ -9,6 +9,7 @@ import { EXIT, ID_PATTERN, RolloutView, defaultPlan, type RolloutStatus } from '
 import { formatSelector, parsePlan, parseSelector } from '../../scripts/cli/rollout.js';
 import { initialStatus } from '../../fleet-server/rollouts/reconcile.js';
 import { BAR_WIDTH, WATCH_EXIT, planSummary, progressBar, renderStatus, renderWatch, watchRollout, type WatchIo } from '../../scripts/cli/rollout-view.js';
+import { watchRecorder, type WatchRecorder } from '../helpers/watch.js';
 
 const NOW = Date.UTC(2025, 0, 1, 12);
 
@@ -171,26 +172,7 @@ describe('status', () => {
 });
 
 describe('watch', () => {
-  type Recorder = WatchIo & { out: string; err: string; polls: number };
-  function io(views: RolloutView[], opts: Partial<WatchIo> = {}): Recorder {
-    const r: Recorder = {
-      out: '',
-      err: '',
-      polls: 0,
-      show: (): Promise<RolloutView> => {
-        r.polls++;
-        return Promise.resolve(views[Math.min(r.polls - 1, views.length - 1)] as RolloutView);
-      },
-      stdout: (t: string) => void (r.out += t),
-      stderr: (t: string) => void (r.err += t),
-      tty: false,
-      json: false,
-      now: () => NOW,
-      sleep: () => Promise.resolve(),
-      ...opts,
-    };
-    return r;
-  }
+  const io = (views: RolloutView[], opts: Partial<WatchIo> = {}): WatchRecorder<RolloutView> => watchRecorder(views, NOW, opts);
   const running = view();
   const wave2 = view({ step: 2, waves: [{ members: 1, serving: 1, committed: 1, failed: 0, pending: 0 }] });
 

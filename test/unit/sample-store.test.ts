@@ -14,6 +14,7 @@ import { trainingFeatureShape, trainingInput } from '../../agent/learner/sample-
 import { splitHoldout } from '../../agent/learner/samples.js';
 import type { ModelHost } from '../../agent/models/host.js';
 import { Manifest, type ManifestInput } from '../../proto/index.js';
+import { codeOf } from '../helpers/errors.js';
 
 const dirs: string[] = [];
 function tempDir(): string {
@@ -24,16 +25,6 @@ function tempDir(): string {
 afterAll(() => {
   for (const d of dirs) rmSync(d, { recursive: true, force: true });
 });
-
-/** The catalog code `fn` throws, or null when it does not throw. */
-function codeOf(fn: () => unknown): string | null {
-  try {
-    fn();
-    return null;
-  } catch (err) {
-    return (err as { code?: string }).code ?? 'no code';
-  }
-}
 
 const CE = { featureShape: [4], loss: 'sparse-categorical-crossentropy' } as const;
 const MSE = { featureShape: [4], loss: 'mean-squared-error' } as const;
